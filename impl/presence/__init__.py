@@ -1,0 +1,1 @@
+"""Presence: distributed presence tracking."""
