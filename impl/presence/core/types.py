@@ -7,9 +7,10 @@ constructors trust their callers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, Mapping, NamedTuple, TypeAlias
+from enum import StrEnum
+from typing import Any, NamedTuple, TypeAlias
 
 Meta: TypeAlias = Mapping[str, Any]
 
@@ -69,7 +70,7 @@ class Diff:
 EMPTY_DIFF = Diff()
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     """A peer replica's status as seen locally (spec RL1-RL3)."""
 
     UP = "up"
@@ -131,7 +132,7 @@ class Send:
     to: str | None = None
 
 
-class ReplicaEventKind(str, Enum):
+class ReplicaEventKind(StrEnum):
     UP = "up"
     DOWN = "down"
     PERMDOWN = "permdown"
