@@ -98,8 +98,9 @@ def ref_of(dot: Dot) -> str:
 
 
 def _make_meta(meta: dict[str, Any], **refs: str) -> Meta:
-    """ID4: the caller's meta with the refs set (overwriting any the caller gave)."""
-    return json.dumps({**meta, **refs}, sort_keys=True, separators=(",", ":"))
+    """ID4: the caller's meta with the refs set; refs the caller gave are never kept."""
+    fields = {k: v for k, v in meta.items() if k not in ("phx_ref", "phx_ref_prev")}
+    return json.dumps({**fields, **refs}, sort_keys=True, separators=(",", ":"))
 
 
 def _meta_dict(meta: Meta) -> dict[str, Any]:
@@ -111,15 +112,15 @@ def _presence_of(entry: Entry) -> Presence:
     return Presence(entry.topic, entry.key, entry.owner, entry.meta)
 
 
-def _sort_key(presence: Presence) -> tuple[str, str, str, str]:
-    """ID5: order by (topic, key, owner, phx_ref)."""
+def observation_order(presence: Presence) -> tuple[str, str, str, str]:
+    """ID5: observations are ordered by (topic, key, owner, phx_ref)."""
     return (presence.topic, presence.key, presence.owner, str(_meta_dict(presence.meta)["phx_ref"]))
 
 
 def _diff_of(joined: set[Entry], left: set[Entry]) -> Diff:
     return Diff(
-        tuple(sorted((_presence_of(e) for e in joined), key=_sort_key)),
-        tuple(sorted((_presence_of(e) for e in left), key=_sort_key)),
+        tuple(sorted((_presence_of(e) for e in joined), key=observation_order)),
+        tuple(sorted((_presence_of(e) for e in left), key=observation_order)),
     )
 
 
@@ -180,7 +181,7 @@ def visible(state: Replica) -> list[Entry]:
 
 def observe(state: Replica) -> list[Presence]:
     """ID5, ST4: the visible presences in observation order."""
-    return sorted((_presence_of(e) for e in visible(state)), key=_sort_key)
+    return sorted((_presence_of(e) for e in visible(state)), key=observation_order)
 
 
 # --- section 3: local operations ----------------------------------------------------------------
