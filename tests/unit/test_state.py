@@ -99,6 +99,19 @@ def test_st4_list_shows_own_and_up_peers_entries_only() -> None:
     assert state.list("elsewhere") == []
 
 
+def test_st4_topics_lists_only_topics_with_a_visible_presence() -> None:
+    state = connected(A, B)
+    state.track("o", "mine", "k", {})
+    state.merge(Payload((entry(B, 1, topic="theirs"), entry(B, 2, topic="mine")), {}))
+    assert state.topics() == ["mine", "theirs"]
+    state.replica_down(B)
+    assert state.topics() == ["mine"]
+    state.untrack("o", "mine", "k")
+    assert state.topics() == []
+    state.replica_up(B)
+    assert state.topics() == ["mine", "theirs"]
+
+
 def test_st4_get_by_key_filters_one_key() -> None:
     state = connected(A, B)
     state.track("o1", "t", "alice", {})

@@ -115,6 +115,14 @@ class Shard:
         """ST4."""
         return self.state.get_by_key(topic, key)
 
+    def topics(self) -> builtins.list[str]:
+        """ST4: topics with at least one visible presence, sorted."""
+        return self.state.topics()
+
+    def observe(self) -> builtins.list[Presence]:
+        """ID5: every visible presence, in observation order."""
+        return self.state.observe()
+
     def peers(self) -> dict[ReplicaId, Status]:
         """Every known peer replica and its status."""
         return self.state.peers()

@@ -496,6 +496,15 @@ class State:
             return []
         return [_presence(e) for e in sorted(self._visible(by_dot.values()), key=_observation_key)]
 
+    def topics(self) -> builtins.list[str]:
+        """ST4: the topics with at least one visible presence, sorted."""
+        down = {peer for peer, status in self._status.items() if status is _DOWN}
+        return sorted(
+            topic
+            for topic, by_dot in self._by_topic.items()
+            if not down or any(entry.replica not in down for entry in by_dot.values())
+        )
+
     def get_by_key(self, topic: str, key: str) -> builtins.list[Presence]:
         """ST4: the visible presences of one key of a topic, sorted as ``list``."""
         return [presence for presence in self.list(topic) if presence.key == key]
