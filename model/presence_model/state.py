@@ -236,11 +236,12 @@ def _remove_own(state: Replica, gone: set[Entry]) -> tuple[Replica, Diff]:
 def update(
     state: Replica, owner: str, topic: str, key: str, meta: dict[str, Any]
 ) -> tuple[Replica, Diff]:
-    """OP3: replace an entry atomically by a new one under one new dot."""
+    """OP3: replace an entry atomically: a removal dot for the old one, then a new dot."""
     old = _own_entry(state, topic, owner, key)
     if old is None:
         raise NotTracked((topic, owner, key))
-    dot = _next_dot(state)
+    removal = _next_dot(state)
+    dot = Dot(state.me, removal.n + 1)
     old_ref = str(_meta_dict(old.meta)["phx_ref"])
     new_entry = Entry(
         dot, topic, owner, key, _make_meta(meta, phx_ref=ref_of(dot), phx_ref_prev=old_ref)
@@ -248,8 +249,8 @@ def update(
     new = replace(
         state,
         entries=(state.entries - {old}) | {new_entry},
-        context=state.context | {dot},
-        delta_dots=state.delta_dots | {old.dot, dot},
+        context=state.context | {removal, dot},
+        delta_dots=state.delta_dots | {old.dot, removal, dot},
     )
     return new, _diff_of({new_entry}, {old})
 

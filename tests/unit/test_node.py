@@ -223,7 +223,8 @@ def test_bad_meta_is_refused_and_changes_nothing(meta: Any) -> None:
         with pytest.raises(InvalidMeta):
             node.update("o", "room", "k", meta)
         assert view(node) == before
-        assert node.update("o", "room", "k", {}) == f"a.{node.vsn}.2"  # no dot was consumed
+        # No dot was consumed by the refused calls: the update takes the removal dot 2 and 3.
+        assert node.update("o", "room", "k", {}) == f"a.{node.vsn}.3"
         assert ref == f"a.{node.vsn}.1"
     run(body())
 

@@ -115,11 +115,11 @@ class Network:
 def test_op_local_operations_and_queries_go_through_the_shard() -> None:
     node = shard()
     assert refs(node.track("o", "t", "k", {}).joins) == ["a.1.1"]
-    assert refs(node.update("o", "t", "k", {"v": 2}).joins) == ["a.1.2"]
+    assert refs(node.update("o", "t", "k", {"v": 2}).joins) == ["a.1.3"]  # a.1.2: removal
     node.track("o", "t", "k2", {})
-    assert refs(node.get_by_key("t", "k")) == ["a.1.2"]
-    assert refs(node.untrack("o", "t", "k2").leaves) == ["a.1.3"]
-    assert refs(node.untrack_owner("o").leaves) == ["a.1.2"]
+    assert refs(node.get_by_key("t", "k")) == ["a.1.3"]
+    assert refs(node.untrack("o", "t", "k2").leaves) == ["a.1.4"]
+    assert refs(node.untrack_owner("o").leaves) == ["a.1.3"]
     assert node.list("t") == []
     assert node.peers() == {}
 

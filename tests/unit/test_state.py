@@ -145,7 +145,7 @@ def test_id4_update_sets_ref_and_previous_ref() -> None:
     state = State(A)
     state.track("o", "t", "k", {})
     diff = state.update("o", "t", "k", {"phx_ref": "forged", "phx_ref_prev": "forged"})
-    assert diff.joins[0].meta == {"phx_ref": "a.1.2", "phx_ref_prev": "a.1.1"}
+    assert diff.joins[0].meta == {"phx_ref": "a.1.3", "phx_ref_prev": "a.1.1"}
 
 
 def test_id5_observe_sorts_by_topic_key_owner_ref_in_code_point_order() -> None:
@@ -225,15 +225,15 @@ def test_op2_untracking_what_is_not_tracked_does_nothing() -> None:
     assert state.take_delta() is None
 
 
-def test_op3_update_replaces_meta_exactly_in_one_diff_with_one_dot() -> None:
+def test_op3_update_replaces_meta_exactly_in_one_diff_with_two_dots() -> None:
     state = State(A)
     state.track("o", "t", "k", {"old": 1})
     diff = state.update("o", "t", "k", {"new": 2})
     assert diff.joins == (
-        Presence("t", "k", "o", {"new": 2, "phx_ref": "a.1.2", "phx_ref_prev": "a.1.1"}),
+        Presence("t", "k", "o", {"new": 2, "phx_ref": "a.1.3", "phx_ref_prev": "a.1.1"}),
     )
     assert diff.leaves == (Presence("t", "k", "o", {"old": 1, "phx_ref": "a.1.1"}),)
-    assert state.clock() == {A: 2}
+    assert state.clock() == {A: 3}  # a.1.2 is the removal dot, carried by no entry
     assert state.observe() == list(diff.joins)
 
 
@@ -255,7 +255,7 @@ def test_op3_updated_entry_still_belongs_to_its_owner() -> None:
     state.track("o", "t", "k2", {})
     state.update("o", "t", "k", {"v": 2})
     diff = state.untrack_owner("o")
-    assert sorted(refs(diff.leaves)) == ["a.1.2", "a.1.3"]
+    assert sorted(refs(diff.leaves)) == ["a.1.2", "a.1.4"]
     assert state.size() == 0
 
 
@@ -292,11 +292,11 @@ def test_dl1_delta_holds_new_live_entries_and_every_touched_dot() -> None:
     state.untrack("o", "t", "k1")  # removes 1, consumes 4
     state.track("o", "t", "k4", {})  # 5
     state.untrack("o", "t", "k4")  # removes 5, consumes 6
-    state.update("o", "t", "k3", {})  # removes 3, creates 7
+    state.update("o", "t", "k3", {})  # removes 3, consumes the removal dot 7, creates 8
     delta = state.take_delta()
     assert delta is not None
-    assert [(e.counter, e.key) for e in delta.entries] == [(7, "k3")]
-    assert delta.context == {A: ((1, 1), (3, 7))}
+    assert [(e.counter, e.key) for e in delta.entries] == [(8, "k3")]
+    assert delta.context == {A: ((1, 1), (3, 8))}
     assert state.take_delta() is None
 
 
@@ -464,7 +464,7 @@ def test_mg5_a_remote_update_is_one_join_and_one_leave() -> None:
     delta = origin.take_delta()
     assert delta is not None
     diff = receiver.merge(delta)
-    assert refs(diff.joins) == ["b.1.2"] and refs(diff.leaves) == ["b.1.1"]
+    assert refs(diff.joins) == ["b.1.3"] and refs(diff.leaves) == ["b.1.1"]
 
 
 def test_mg6_merging_twice_changes_nothing() -> None:

@@ -170,13 +170,14 @@ class State:
     def update(self, owner: str, topic: str, key: str, meta: Meta) -> Diff:
         """OP3: replace the entry by one with a new dot and exactly the caller's meta plus
         ``phx_ref`` and ``phx_ref_prev``; one diff with the join and the leave. Raises NotTracked.
-        The old entry's removal is carried by its own dot, so only one dot is consumed (T15)."""
+        Two dots: a removal dot, so a peer that misses this delta keeps a gap (T15), then the new
+        entry's."""
         handle = (topic, owner, key)
         old_counter = self._by_handle.get(handle)
         if old_counter is None:
             raise NotTracked(topic, owner, key)
         old = self._remove_own(old_counter)
-        counter = self._counter = self._counter + 1
+        counter = self._counter = self._counter + 2
         stored = dict(meta)
         stored["phx_ref"] = self._ref_prefix + str(counter)
         stored["phx_ref_prev"] = self._ref_prefix + str(old_counter)
