@@ -10,49 +10,41 @@ running node.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import hypothesis.strategies as st
 import networkx as nx
-from hypothesis import HealthCheck, event, settings
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 import presence_model.cluster as mc
+import presence_model.history as mh
 import presence_model.protocol as mp
 import presence_model.state as ms
-from presence.core.config import Config
-from presence.core.types import AlreadyTracked, NotTracked
+from tests.support import replay
 from tests.support.impl_cluster import ImplCluster
-from tests.support.observation import (
-    diff_impl,
-    diff_model,
-    events_impl,
-    events_model,
-    message_impl,
-    message_model,
-    observed_impl,
-    observed_model,
-)
+from tests.support.observation import message_impl, message_model, observed_model
+from tests.support.regressions import save_regression
+from tests.support.statistics import STATISTICS, label
 
 NODES = ("a", "b", "c")
 OWNERS = ("o1", "o2")
 TOPICS = ("lobby", "room")
 KEYS = ("alice", "bob")
 PERIOD = 100
-MODEL_CONFIG = mp.Config(
-    broadcast_period=PERIOD,
-    max_silent_periods=3,
-    down_period=500,
-    permdown_period=1500,
-    clock_sample_periods=2,
-)
-IMPL_CONFIG = Config(
-    broadcast_period_ms=PERIOD,
-    max_silent_periods=3,
-    down_period_ms=500,
-    permdown_period_ms=1500,
-    clock_sample_periods=2,
-)
+CONFIG = {
+    "broadcast_period": PERIOD,
+    "max_silent_periods": 3,
+    "down_period": 500,
+    "permdown_period": 1500,
+    "clock_sample_periods": 2,
+}
 SETTLE_ROUNDS = 12  # > down_period / PERIOD, plus heartbeat, sampling and transfer rounds
 
 nodes = st.sampled_from(NODES)
@@ -64,37 +56,54 @@ links = st.frozensets(st.sampled_from([(x, y) for x in NODES for y in NODES if x
 
 
 class ProtocolMachine(RuleBasedStateMachine):
+    last_history: ClassVar[list[dict[str, Any]]] = []
+
     def __init__(self) -> None:
         super().__init__()
-        self.model = mc.new_cluster(list(NODES), MODEL_CONFIG)
-        self.impl = ImplCluster(list(NODES), IMPL_CONFIG)
+        history = {"nodes": list(NODES), "config": CONFIG}
+        self.model = mc.new_cluster(list(NODES), mh.config_of(history))
+        self.impl = ImplCluster(list(NODES), replay.impl_config(history))
+        self.history: list[dict[str, Any]] = []
+        ProtocolMachine.last_history = self.history
+        # Handles changed on each node since its last tick, to label same-period races.
+        self.changed_this_period: dict[str, dict[tuple[str, str, str], str]] = {}
+        STATISTICS.histories += 1
 
-    # --- comparison of one step -----------------------------------------------------------------
+    def do(self, **action: Any) -> None:
+        """Apply one history step to both clusters and compare what every node observes."""
+        self.history.append(action)
+        STATISTICS.steps += 1
+        self.label_same_period(action)
+        if action["do"] == "deliver":
+            self.label_delivery(self.model.in_flight[action["index"]])
+        self.model, model_step, model_error = mh.apply(self.model, action)
+        impl_step, impl_error = replay.apply(self.impl, action)
+        expected = mh.observation(self.model, model_step, model_error)
+        assert replay.observation(self.impl, impl_step, impl_error) == expected
+        for events in expected["events"].values():
+            for kind, _ in events:
+                label(f"peer went {kind}")
 
-    def same_step(self, model_step: mc.Step, impl_step: Any) -> None:
-        model_diffs = {name: diff_model(diff) for name, diff in model_step.diffs}
-        impl_diffs = {name: diff_impl(diff) for name, diff in impl_step.diffs.items()}
-        assert impl_diffs == model_diffs
-        model_events = {name: events_model(e) for name, e in model_step.events if e}
-        impl_events = {name: events_impl(e) for name, e in impl_step.events.items() if e}
-        assert impl_events == model_events
-        for events in model_events.values():
-            for kind, *_ in events:
-                event(f"peer went {kind}")
-
-    def local(self, name: str, model_op: Any, impl_op: Any) -> None:
-        model_error = impl_error = None
-        try:
-            self.model, model_step = mc.local(self.model, name, *model_op)
-        except (ms.AlreadyTracked, ms.NotTracked) as error:
-            model_error = type(error).__name__
-        try:
-            impl_diff = impl_op(self.impl.shards[name])
-        except (AlreadyTracked, NotTracked) as error:
-            impl_error = type(error).__name__
-        assert impl_error == model_error
-        if model_error is None:
-            assert diff_impl(impl_diff) == diff_model(dict(model_step.diffs)[name])
+    def label_same_period(self, action: dict[str, Any]) -> None:
+        """Label an update and a leave, or a leave and a rejoin, within one broadcast period."""
+        node, do = action.get("node", ""), action["do"]
+        changed = self.changed_this_period.setdefault(node, {})
+        if do == "tick":
+            changed.clear()
+            return
+        if do not in mh.LOCAL_OPERATIONS:
+            return
+        handle = (action["owner"], action.get("topic", ""), action.get("key", ""))
+        earlier = {k: v for k, v in changed.items() if k[0] == action["owner"]}
+        if do in ("untrack", "untrack_owner") and "update" in earlier.values():
+            label("an update and a leave in one period")
+        if do == "track" and changed.get(handle) in ("untrack", "untrack_owner"):
+            label("a leave and a rejoin in one period")
+        if do == "untrack_owner":
+            for key in earlier:
+                changed[key] = do
+        else:
+            changed[handle] = do
 
     def handle(self, data: st.DataObject) -> tuple[str, str, str, str]:
         """Mostly a tracked (node, owner, topic, key) of a running node, so removals hit."""
@@ -123,43 +132,61 @@ class ProtocolMachine(RuleBasedStateMachine):
           key=st.sampled_from(KEYS), meta=metas)
     def track(self, data: st.DataObject, owner: str, topic: str, key: str,
               meta: dict[str, Any]) -> None:
-        name = self.running(data)
-        self.local(name, (ms.track, owner, topic, key, meta),
-                   lambda shard: shard.track(owner, topic, key, meta))
+        self.do(do="track", node=self.running(data), owner=owner, topic=topic, key=key, meta=meta)
 
     @precondition(lambda self: self.model.running)
     @rule(data=st.data())
     def untrack(self, data: st.DataObject) -> None:
         name, owner, topic, key = self.handle(data)
-        self.local(name, (ms.untrack, owner, topic, key),
-                   lambda shard: shard.untrack(owner, topic, key))
+        self.do(do="untrack", node=name, owner=owner, topic=topic, key=key)
 
     @precondition(lambda self: self.model.running)
     @rule(data=st.data(), meta=metas)
     def update(self, data: st.DataObject, meta: dict[str, Any]) -> None:
         name, owner, topic, key = self.handle(data)
-        self.local(name, (ms.update, owner, topic, key, meta),
-                   lambda shard: shard.update(owner, topic, key, meta))
+        self.do(do="update", node=name, owner=owner, topic=topic, key=key, meta=meta)
 
     @precondition(lambda self: self.model.running)
     @rule(data=st.data())
     def owner_exits(self, data: st.DataObject) -> None:
         name, owner, _, _ = self.handle(data)
-        self.local(name, (ms.untrack_owner, owner), lambda shard: shard.untrack_owner(owner))
+        self.do(do="untrack_owner", node=name, owner=owner)
 
     # --- time and the network -------------------------------------------------------------------
 
     @precondition(lambda self: self.model.running)
     @rule(data=st.data())
     def tick(self, data: st.DataObject) -> None:
-        name = self.running(data)
-        self.model, model_step = mc.tick(self.model, name)
-        self.same_step(model_step, self.impl.tick(name))
+        self.do(do="tick", node=self.running(data))
 
     @rule(milliseconds=st.sampled_from([PERIOD // 2, PERIOD, 2 * PERIOD, 600, 1600]))
     def advance(self, milliseconds: int) -> None:
-        self.model = mc.advance(self.model, milliseconds)
-        self.impl.advance(milliseconds)
+        self.do(do="advance", ms=milliseconds)
+
+    @rule()
+    def period(self) -> None:
+        """One broadcast period for the whole cluster: time passes, every running node ticks."""
+        self.do(do="advance", ms=PERIOD)
+        for name in sorted(self.model.running):
+            self.do(do="tick", node=name)
+
+    @precondition(lambda self: self.model.in_flight)
+    @rule()
+    def deliver_all(self) -> None:
+        """The network catches up: everything in flight (and what it provokes) is delivered."""
+        for _ in range(200):
+            if not self.model.in_flight:
+                return
+            self.do(do="deliver", index=0)
+        raise AssertionError("the cluster does not quiesce")
+
+    @precondition(lambda self: self.model.in_flight)
+    @rule(data=st.data())
+    def lossy_delivery(self, data: st.DataObject) -> None:
+        """Each message now in flight is either delivered or lost, oldest first."""
+        for _ in range(len(self.model.in_flight)):
+            lost = data.draw(st.booleans(), label="lost")
+            self.do(do="drop" if lost else "deliver", index=0)
 
     def pick_message(self, data: st.DataObject) -> int:
         return data.draw(st.integers(0, len(self.model.in_flight) - 1), label="message")
@@ -169,37 +196,37 @@ class ProtocolMachine(RuleBasedStateMachine):
     def deliver(self, data: st.DataObject) -> None:
         index = self.pick_message(data)
         if index != 0:
-            event("delivered out of order")
-        self.label_delivery(self.model.in_flight[index])
-        self.model, model_step = mc.deliver(self.model, index)
-        self.same_step(model_step, self.impl.deliver(index))
+            label("delivered out of order")
+        self.do(do="deliver", index=index)
 
     def label_delivery(self, envelope: mc.Envelope) -> None:
         message = envelope.message
         if not isinstance(message, mp.Heartbeat):
-            event(f"delivered {type(message).__name__}")
+            label(f"delivered {type(message).__name__}")
         elif message.sender != self.model.node(message.sender.name).me:
-            event("delivered a heartbeat of an older incarnation")
+            label("delivered a heartbeat of an older incarnation")
         if isinstance(message, mp.TransferAck) and any(
             isinstance(other.message, mp.Heartbeat) and other.message.delta is not None
             for other in self.model.in_flight
             if other.destination == envelope.destination
         ):
-            event("transfer raced a delta")
+            label("transfer raced a delta")
+
+    @precondition(lambda self: self.model.in_flight)
+    @rule()
+    def deliver_newest(self) -> None:
+        """The last message sent overtakes all the others."""
+        self.do(do="deliver", index=len(self.model.in_flight) - 1)
 
     @precondition(lambda self: self.model.in_flight)
     @rule(data=st.data())
     def drop(self, data: st.DataObject) -> None:
-        index = self.pick_message(data)
-        self.model = mc.drop(self.model, index)
-        self.impl.drop(index)
+        self.do(do="drop", index=self.pick_message(data))
 
     @precondition(lambda self: self.model.in_flight)
     @rule(data=st.data())
     def duplicate(self, data: st.DataObject) -> None:
-        index = self.pick_message(data)
-        self.model = mc.duplicate(self.model, index)
-        self.impl.duplicate(index)
+        self.do(do="duplicate", index=self.pick_message(data))
 
     @rule(cut=links)
     def partition(self, cut: frozenset[tuple[str, str]]) -> None:
@@ -207,13 +234,12 @@ class ProtocolMachine(RuleBasedStateMachine):
         graph.add_nodes_from(NODES)
         graph.add_edges_from((x, y) for x in NODES for y in NODES if x != y and (x, y) not in cut)
         if cut and nx.is_strongly_connected(graph):
-            event("partial partition (everyone still reachable some way)")
+            label("partial partition (everyone still reachable some way)")
         elif cut:
-            event("partition")
+            label("partition")
         if any((y, x) not in cut for x, y in cut):
-            event("asymmetric link cut")
-        self.model = mc.set_cut(self.model, cut)
-        self.impl.set_cut(cut)
+            label("asymmetric link cut")
+        self.do(do="cut", links=sorted(list(link) for link in cut))
 
     @rule()
     def heal(self) -> None:
@@ -223,18 +249,15 @@ class ProtocolMachine(RuleBasedStateMachine):
             for b in self.model.running
             if a != b
         ):
-            event("heal while a peer is down")
-        self.model = mc.set_cut(self.model, frozenset())
-        self.impl.set_cut(frozenset())
+            label("heal while a peer is down")
+        self.do(do="heal")
 
     # --- crashes, stops and restarts ------------------------------------------------------------
 
     @precondition(lambda self: len(self.model.running) > 1)
     @rule(data=st.data(), graceful=st.booleans())
     def stop(self, data: st.DataObject, graceful: bool) -> None:
-        name = self.running(data)
-        self.model, _ = mc.stop(self.model, name, graceful)
-        self.impl.stop(name, graceful)
+        self.do(do="stop", node=self.running(data), graceful=graceful)
 
     @precondition(lambda self: len(self.model.running) < len(NODES))
     @rule(data=st.data())
@@ -242,9 +265,8 @@ class ProtocolMachine(RuleBasedStateMachine):
         stopped = sorted(set(NODES) - self.model.running)
         name = data.draw(st.sampled_from(stopped), label="node")
         if any(e.source == name for e in self.model.in_flight):
-            event("restart while an old message is in flight")
-        self.model = mc.restart(self.model, name)
-        self.impl.restart(name)
+            label("restart while an old message is in flight")
+        self.do(do="restart", node=name)
 
     # --- settle: heal, let periods pass, check convergence -------------------------------------
 
@@ -252,32 +274,20 @@ class ProtocolMachine(RuleBasedStateMachine):
     def settle(self) -> None:
         self.heal()
         for _ in range(SETTLE_ROUNDS):
-            self.advance(PERIOD)
-            for name in sorted(self.model.running):
-                self.model, model_step = mc.tick(self.model, name)
-                self.same_step(model_step, self.impl.tick(name))
-            deliveries = 0
-            while self.model.in_flight:
-                self.model, model_step = mc.deliver(self.model, 0)
-                self.same_step(model_step, self.impl.deliver(0))
-                deliveries += 1
-                assert deliveries < 1000, "the cluster does not quiesce"
+            self.period()
+            self.deliver_all()
         expected = observed_model(mc.expected_view(self.model))
         for name in sorted(self.model.running):
             assert observed_model(mp.observe(self.model.node(name))) == expected, name
-        event("settled and converged")
+        label("settled and converged")
 
     # --- invariants -----------------------------------------------------------------------------
 
     @invariant()
-    def same_nodes(self) -> None:
+    def same_clocks(self) -> None:
         for name in NODES:
-            model_node, shard = self.model.node(name), self.impl.shards[name]
-            assert observed_impl(shard.state.observe()) == observed_model(mp.observe(model_node))
-            impl_peers = {tuple(r): st.value for r, st in shard.peers().items()}
-            assert impl_peers == {tuple(r): st for r, st in model_node.replica.status}, name
-            assert dict(shard.state.clock()) == dict(ms.clock(model_node.replica)), name
-        assert self.impl.running == set(self.model.running)
+            model_clock = ms.clock(self.model.node(name).replica)
+            assert dict(self.impl.shards[name].state.clock()) == dict(model_clock), name
 
     @invariant()
     def same_messages_in_flight(self) -> None:
@@ -290,10 +300,19 @@ class ProtocolMachine(RuleBasedStateMachine):
         assert impl_messages == model_messages
 
 
-ProtocolMachine.TestCase.settings = settings(
-    max_examples=150,
-    stateful_step_count=50,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-TestProtocolVsModel = ProtocolMachine.TestCase
+def test_protocol_vs_model() -> None:
+    """Runs the machine under the active profile; a failure is saved, shrunk, as a regression
+    file (tests/regressions/) that tests/test_regressions.py replays from then on."""
+    try:
+        run_state_machine_as_test(
+            ProtocolMachine,
+            settings=settings(
+                stateful_step_count=50,
+                deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+            ),
+        )
+    except Exception as failure:
+        path = save_regression(ProtocolMachine.last_history, NODES, CONFIG, failure)
+        failure.add_note(f"saved the shrunk history as {path}")
+        raise
