@@ -52,8 +52,8 @@ MUTANTS = [
     Mutant(
         "merge-ignores-out-of-order-dots",
         "state",
-        "if stored is None or counter <= contiguous or counter in seen_above:",
-        "if stored is None or counter <= contiguous:",
+        "            if above and _ranges_hold(above, counter):\n                continue\n",
+        "",
         "MG2: an entry whose dot was seen out of order is added again",
     ),
     Mutant(
@@ -73,8 +73,8 @@ MUTANTS = [
     Mutant(
         "transfer-without-out-of-order-dots",
         "state",
-        "        if cloud:\n            ranges.extend(_to_ranges(cloud))",
-        "        if False:\n            ranges.extend(_to_ranges(cloud))",
+        "        if cloud:\n            ranges.extend(cloud)",
+        "        if False:\n            ranges.extend(cloud)",
         "DL3/GP5: a transfer reply that does not cover what the responder has seen",
     ),
     Mutant(

@@ -707,3 +707,17 @@ def test_mg6_a_delta_merges_like_the_full_state_that_contains_it(ops: list[Op]) 
 
 def snapshot_payload(state: State) -> Payload:
     return state.full_state(None)
+
+
+def test_st1_out_of_order_ranges_are_kept_as_ranges_and_compact_when_the_gap_fills() -> None:
+    state = connected(A, B)
+    state.merge(Payload((), {B: ((5, 1_000_000_000),)}))  # far above a gap: one range, not 10^9
+    assert state.clock()[B] == 0
+    assert state.has_context_dot(B, 5) and state.has_context_dot(B, 1_000_000_000)
+    assert not state.has_context_dot(B, 4) and not state.has_context_dot(B, 1_000_000_001)
+    state.merge(Payload((entry(B, 2),), {B: ((1, 3),)}))
+    assert state.clock()[B] == 3  # still a gap at 4
+    assert state.full_state(None).context[B] == ((1, 3), (5, 1_000_000_000))
+    state.merge(Payload((), {B: ((4, 4),)}))
+    assert state.clock()[B] == 1_000_000_000
+    assert state.full_state(None).context[B] == ((1, 1_000_000_000),)

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import builtins
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
+from operator import itemgetter
 
 from presence.core.types import (
     EMPTY_DIFF,
@@ -67,6 +68,26 @@ def _to_ranges(counters: Iterable[int]) -> list[tuple[int, int]]:
         else:
             ranges.append((counter, counter))
     return ranges
+
+
+def _union(
+    a: builtins.list[tuple[int, int]], b: builtins.list[tuple[int, int]]
+) -> builtins.list[tuple[int, int]]:
+    """Sorted, disjoint, non-adjacent ranges covering both inputs."""
+    merged: builtins.list[tuple[int, int]] = []
+    for first, last in sorted(a + b):
+        if merged and first <= merged[-1][1] + 1:
+            if last > merged[-1][1]:
+                merged[-1] = (merged[-1][0], last)
+        else:
+            merged.append((first, last))
+    return merged
+
+
+def _ranges_hold(ranges: Sequence[tuple[int, int]], counter: int) -> bool:
+    """Whether sorted disjoint ``ranges`` contain ``counter``."""
+    index = bisect_right(ranges, counter, key=itemgetter(0)) - 1
+    return index >= 0 and counter <= ranges[index][1]
 
 
 def _ranges_counters(ranges: DotRanges) -> Iterator[int]:
@@ -118,8 +139,9 @@ class State:
         self._status: dict[ReplicaId, Status] = {}
         self._peer_entries: dict[ReplicaId, dict[int, Entry]] = {}
         self._vv: dict[ReplicaId, int] = {}
-        # Out-of-order counters above the version vector; only non-empty sets are kept.
-        self._cloud: dict[ReplicaId, set[int]] = {}
+        # Out-of-order counters above the version vector, as sorted disjoint ranges that never
+        # touch the vector (ranges, not sets: a peer's range costs the same whatever its span).
+        self._cloud: dict[ReplicaId, builtins.list[tuple[int, int]]] = {}
         self._by_topic: dict[str, dict[Dot, Entry]] = {}
         self._latest_vsn: dict[str, int] = {replica.name: replica.vsn}
         # delta_dots = own (delta_start, counter] + these removed dots older than the window.
@@ -276,7 +298,7 @@ class State:
         ranges = [(1, contiguous)] if contiguous else []
         cloud = self._cloud.get(peer)
         if cloud:
-            ranges.extend(_to_ranges(cloud))
+            ranges.extend(cloud)
         return tuple(ranges)
 
     # --- merge (section 5) ---------------------------------------------------------------------
@@ -297,28 +319,32 @@ class State:
         known: ReplicaId | None = None  # current, when it is a known peer
         stored: dict[int, Entry] | None = None
         contiguous = 0
-        seen_above: set[int] = set()
+        above: builtins.list[tuple[int, int]] | tuple[()] = ()  # the stored cloud
+        fresh: set[int] = set()  # counters added above a gap by this payload
         visible = False
         for entry in payload.entries:
             replica, counter, topic, owner, key, meta = entry
             if replica != current:
                 if known is not None:
-                    self._set_context(known, contiguous, seen_above)
+                    self._set_context(known, contiguous, _to_ranges(fresh))
                 current = replica
                 stored = peer_entries.get(replica)  # None for self and unknown replicas (MG1)
                 known = None if stored is None else replica
                 if known is not None:
                     contiguous = vv[replica]
-                    seen_above = cloud.pop(replica) if replica in cloud else set()
+                    above = cloud.get(replica, ())
+                    fresh = set()
                     visible = status[replica] is _UP
-            if stored is None or counter <= contiguous or counter in seen_above:
+            if stored is None or counter <= contiguous or counter in fresh:
+                continue
+            if above and _ranges_hold(above, counter):
                 continue
             # MG2: an unseen dot; it becomes seen at once, so a duplicate in the payload is not
             # added twice.
             if counter == contiguous + 1:
                 contiguous = counter
             else:
-                seen_above.add(counter)
+                fresh.add(counter)
             stored[counter] = entry
             by_dot = by_topic.get(topic)
             if by_dot is None:
@@ -327,7 +353,7 @@ class State:
             if visible:
                 joins.append(Presence(topic, key, owner, meta))
         if known is not None:
-            self._set_context(known, contiguous, seen_above)
+            self._set_context(known, contiguous, _to_ranges(fresh))
         # MG4: the payload's context of known peers joins the local context (T36).
         for replica, ranges in payload.context.items():
             if replica in peer_entries:
@@ -385,26 +411,31 @@ class State:
 
     def _add_ranges(self, replica: ReplicaId, ranges: DotRanges) -> None:
         contiguous = self._vv[replica]
-        seen_above = self._cloud.pop(replica) if replica in self._cloud else set()
+        above: builtins.list[tuple[int, int]] = []
         for first, last in ranges:
             if last <= contiguous:
                 continue
             if first <= contiguous + 1:
                 contiguous = last
             else:
-                seen_above.update(range(first, last + 1))
-        self._set_context(replica, contiguous, seen_above)
+                above.append((first, last))
+        self._set_context(replica, contiguous, above)
 
-    def _set_context(self, replica: ReplicaId, contiguous: int, seen_above: set[int]) -> None:
-        """Store a peer's context, compacted: the cloud keeps only counters above a gap (T30)."""
-        if seen_above:
-            while contiguous + 1 in seen_above:
-                contiguous += 1
-                seen_above.discard(contiguous)
-            if seen_above and min(seen_above) <= contiguous:
-                seen_above = {counter for counter in seen_above if counter > contiguous}
-            if seen_above:
-                self._cloud[replica] = seen_above
+    def _set_context(
+        self, replica: ReplicaId, contiguous: int, added: builtins.list[tuple[int, int]]
+    ) -> None:
+        """Store a peer's context, compacted (T30): the version vector absorbs every range that
+        now touches it, and the cloud keeps only the ranges above a gap."""
+        cloud = self._cloud.get(replica)
+        ranges = _union(cloud, added) if cloud and added else cloud or added
+        start = 0
+        while start < len(ranges) and ranges[start][0] <= contiguous + 1:
+            contiguous = max(contiguous, ranges[start][1])
+            start += 1
+        if start < len(ranges):
+            self._cloud[replica] = ranges[start:]
+        else:
+            self._cloud.pop(replica, None)
         self._vv[replica] = contiguous
 
     # --- replica lifecycle (section 6) ---------------------------------------------------------
@@ -540,7 +571,7 @@ class State:
         contiguous = self._vv.get(replica)
         if contiguous is None:
             return False
-        return counter <= contiguous or counter in self._cloud.get(replica, ())
+        return counter <= contiguous or _ranges_hold(self._cloud.get(replica, ()), counter)
 
     def __repr__(self) -> str:
         return f"State({self.replica!r}, entries={self.size()}, clock={self.clock()!r})"
