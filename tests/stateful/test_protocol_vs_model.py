@@ -17,6 +17,7 @@ import networkx as nx
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     invariant,
     precondition,
     rule,
@@ -38,13 +39,22 @@ OWNERS = ("o1", "o2")
 TOPICS = ("lobby", "room")
 KEYS = ("alice", "bob")
 PERIOD = 100
-CONFIG = {
-    "broadcast_period": PERIOD,
-    "max_silent_periods": 3,
-    "down_period": 500,
-    "permdown_period": 1500,
-    "clock_sample_periods": 2,
-}
+CONFIGS = [
+    {  # Phoenix's proportions, scaled down
+        "broadcast_period": PERIOD,
+        "max_silent_periods": 3,
+        "down_period": 500,
+        "permdown_period": 1500,
+        "clock_sample_periods": 2,
+    },
+    {  # every tick samples, so transfers are frequent and race the deltas
+        "broadcast_period": PERIOD,
+        "max_silent_periods": 2,
+        "down_period": 300,
+        "permdown_period": 900,
+        "clock_sample_periods": 1,
+    },
+]
 SETTLE_ROUNDS = 12  # > down_period / PERIOD, plus heartbeat, sampling and transfer rounds
 
 nodes = st.sampled_from(NODES)
@@ -58,13 +68,20 @@ links = st.frozensets(st.sampled_from([(x, y) for x in NODES for y in NODES if x
 class ProtocolMachine(RuleBasedStateMachine):
     last_history: ClassVar[list[dict[str, Any]]] = []
 
+    last_config: ClassVar[dict[str, int]] = CONFIGS[0]
+
     def __init__(self) -> None:
         super().__init__()
-        history = {"nodes": list(NODES), "config": CONFIG}
+        self.use_config(CONFIGS[0])
+
+    @initialize(config=st.sampled_from(CONFIGS))
+    def use_config(self, config: dict[str, int]) -> None:
+        history = {"nodes": list(NODES), "config": config}
         self.model = mc.new_cluster(list(NODES), mh.config_of(history))
         self.impl = ImplCluster(list(NODES), replay.impl_config(history))
         self.history: list[dict[str, Any]] = []
         ProtocolMachine.last_history = self.history
+        ProtocolMachine.last_config = config
         # Handles changed on each node since its last tick, to label same-period races.
         self.changed_this_period: dict[str, dict[tuple[str, str, str], str]] = {}
         STATISTICS.histories += 1
@@ -205,11 +222,12 @@ class ProtocolMachine(RuleBasedStateMachine):
             label(f"delivered {type(message).__name__}")
         elif message.sender != self.model.node(message.sender.name).me:
             label("delivered a heartbeat of an older incarnation")
-        if isinstance(message, mp.TransferAck) and any(
-            isinstance(other.message, mp.Heartbeat) and other.message.delta is not None
-            for other in self.model.in_flight
-            if other.destination == envelope.destination
-        ):
+        others = [o.message for o in self.model.in_flight if o.destination == envelope.destination]
+        is_delta = isinstance(message, mp.Heartbeat) and message.delta is not None
+        if (
+            isinstance(message, mp.TransferAck)
+            and any(isinstance(o, mp.Heartbeat) and o.delta is not None for o in others)
+        ) or (is_delta and any(isinstance(o, mp.TransferAck) for o in others)):
             label("transfer raced a delta")
 
     @precondition(lambda self: self.model.in_flight)
@@ -313,6 +331,8 @@ def test_protocol_vs_model() -> None:
             ),
         )
     except Exception as failure:
-        path = save_regression(ProtocolMachine.last_history, NODES, CONFIG, failure)
+        path = save_regression(
+            ProtocolMachine.last_history, NODES, ProtocolMachine.last_config, failure
+        )
         failure.add_note(f"saved the shrunk history as {path}")
         raise
