@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench fuzz setup clean
+.PHONY: demo test lint typecheck unit bench fuzz check-deep setup clean
 
 FUZZ_SECONDS ?= 600
 
@@ -36,6 +36,10 @@ unit: $(STAMP)
 ## Fuzz the core against the model for FUZZ_SECONDS (a scheduled job; saves regressions).
 fuzz: $(STAMP)
 	$(BIN)/python -m tests.fuzz --seconds $(FUZZ_SECONDS)
+
+## Explore every model history one event beyond the CI bounds (2 nodes/7 events, 3 nodes/5).
+check-deep: $(STAMP)
+	$(BIN)/python -m presence_model.explore --deep
 
 ## Print core throughput and memory figures beside the Phoenix reference.
 bench: $(STAMP)
