@@ -220,13 +220,18 @@ def _permdown(node: Node, peer: ReplicaId) -> tuple[Node, Diff]:
 
 
 def _superseded(node: Node, sender: ReplicaId) -> bool:
-    """RL4: the local replica's own name, or an older incarnation than one already seen."""
+    """RL4 RL5: the local replica's own name, an older incarnation than one already seen, or
+    one that announced its departure."""
     latest = dict(node.replica.latest_vsn).get(sender.name)
-    return sender.name == node.me.name or (latest is not None and sender.vsn < latest)
+    return (
+        sender.name == node.me.name
+        or (latest is not None and sender.vsn < latest)
+        or sender in node.replica.departed
+    )
 
 
 def receive(node: Node, message: Message, now: int) -> tuple[Node, Output]:
-    """GP3 GP5 GP6 GP7 GP8 FD2 FD3 RL4: handle one message from a peer."""
+    """GP3 GP5 GP6 GP7 GP8 FD2 FD3 RL4 RL5: handle one message from a peer."""
     if _superseded(node, message.sender):
         return node, Output()
     if isinstance(message, Heartbeat):
@@ -237,10 +242,13 @@ def receive(node: Node, message: Message, now: int) -> tuple[Node, Output]:
     if isinstance(message, TransferAck):
         replica, diff = s.merge(node.replica, message.payload)
         return replace(node, replica=replica), Output(diff=diff)
-    if node.replica.status_of(message.sender) is None:
-        return node, Output()
-    node, diff = _permdown(node, message.sender)
-    return node, Output(diff=diff, events=(Event("permdown", message.sender),))
+    sender = message.sender
+    gone = [r for r, _ in node.replica.status if r.name == sender.name and r.vsn <= sender.vsn]
+    replica, diff = s.retire_incarnation(node.replica, sender)
+    node = replace(node, replica=replica)
+    for replica_id in gone:
+        node, _ = _permdown(node, replica_id)
+    return node, Output(diff=diff, events=tuple(Event("permdown", r) for r in gone))
 
 
 def _heartbeat(node: Node, message: Heartbeat, now: int) -> tuple[Node, Output]:

@@ -76,6 +76,7 @@ class Replica:
     delta_dots: frozenset[Dot] = frozenset()
     status: tuple[tuple[ReplicaId, str], ...] = ()
     latest_vsn: tuple[tuple[str, int], ...] = ()
+    departed: frozenset[ReplicaId] = frozenset()
 
     def status_of(self, replica: ReplicaId) -> str | None:
         return dict(self.status).get(replica)
@@ -358,11 +359,26 @@ def observe_incarnation(state: Replica, replica: ReplicaId) -> tuple[Replica, bo
     if replica.name == state.me.name:
         return state, False, Diff()
     latest = dict(state.latest_vsn).get(replica.name)
-    if latest is not None and replica.vsn < latest:
+    if (latest is not None and replica.vsn < latest) or replica in state.departed:
         return state, False, Diff()
     diff = Diff()
     for older, _ in state.status:
         if older.name == replica.name and older.vsn < replica.vsn:
             state, retired = replica_permdown(state, older)
             diff = Diff(diff.joins + retired.joins, diff.leaves + retired.leaves)
-    return replace(state, latest_vsn=_raise_vsn(state, replica)), True, diff
+    departed = frozenset(d for d in state.departed if d.name != replica.name or d == replica)
+    return replace(state, latest_vsn=_raise_vsn(state, replica), departed=departed), True, diff
+
+
+def retire_incarnation(state: Replica, replica: ReplicaId) -> tuple[Replica, Diff]:
+    """RL5 RL4: an incarnation that announced its departure never comes back: it is the departed one
+    of its name, so anything later from it (overtaken by the announcement) is ignored; and it
+    is permanently down now."""
+    departed = frozenset(d for d in state.departed if d.name != replica.name) | {replica}
+    state = replace(state, latest_vsn=_raise_vsn(state, replica), departed=departed)
+    diff = Diff()
+    for gone, _ in state.status:  # it and any older incarnation of its name (RL4)
+        if gone.name == replica.name and gone.vsn <= replica.vsn:
+            state, left = replica_permdown(state, gone)
+            diff = Diff(diff.joins + left.joins, diff.leaves + left.leaves)
+    return state, diff

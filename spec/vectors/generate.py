@@ -473,6 +473,29 @@ SCENARIOS: tuple[Scenario, ...] = (
         ),
     ),
     Scenario(
+        name="graceful-stop-overtakes-heartbeat",
+        description=(
+            "a tracks alice, ticks and stops gracefully; at b the announcement overtakes a's "
+            "last heartbeat. b retires a.1 (RL5), so the late heartbeat is ignored instead of "
+            "bringing the stopped node back up with alice until down_period. A later "
+            "incarnation a.2 is heard as usual."
+        ),
+        rules=("RL5", "GP7", "GP8", "RL4", "FD2", IN2),
+        faults=("silence-and-shutdown",),
+        nodes=("a", "b"),
+        steps=(
+            *meet("a", "b"),
+            track("a", "sock-alice", LOBBY, "alice"),
+            tick("a"),
+            stop("a", graceful=True),
+            deliver("a", "b", "graceful_permdown"),
+            deliver("a", "b", "heartbeat"),
+            restart("a"),
+            tick("a"),
+            flush(),
+        ),
+    ),
+    Scenario(
         name="partition-down-then-up",
         description=(
             "A split longer than down_period: each side has the other down and a reports bob and "

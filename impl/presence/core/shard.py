@@ -210,8 +210,7 @@ class Shard:
             return _NOTHING
         if isinstance(message, Heartbeat):
             return self._receive_heartbeat(message, now)
-        latest = self.state.latest_vsn(sender.name)
-        if latest is not None and sender.vsn < latest:
+        if self.state.superseded(sender):
             return _NOTHING
         if isinstance(message, TransferRequest):
             # GP5: answer whoever asks (T58), without the requester's own entries (DL3).
@@ -221,11 +220,17 @@ class Shard:
             # GP6: not a sign of life (T59).
             return Output(diff=self.state.merge(message.payload))
         if isinstance(message, GracefulPermdown):
-            # GP7: a known replica that says it stops is permanently down at once (T80, T81).
-            if self.state.status(sender) is None:
-                return _NOTHING
-            diff = self._permdown(sender)
-            return Output(diff=diff, events=(ReplicaEvent(ReplicaEventKind.PERMDOWN, sender),))
+            # GP7, RL5: the incarnation is retired, and permanently down now if known (T81).
+            gone = sorted(
+                peer
+                for peer in self.state.peers()
+                if peer.name == sender.name and peer.vsn <= sender.vsn
+            )
+            diff = self.state.retire_incarnation(sender)
+            for peer in gone:
+                self._permdown(peer)
+            events = tuple(ReplicaEvent(ReplicaEventKind.PERMDOWN, peer) for peer in gone)
+            return Output(diff=diff, events=events)
         return _NOTHING
 
     def _receive_heartbeat(self, heartbeat: Heartbeat, now: int) -> Output:

@@ -116,6 +116,7 @@ class State:
         "_delta_own_removed",
         "_delta_peer_removed",
         "_delta_start",
+        "_departed",
         "_latest_vsn",
         "_own",
         "_peer_entries",
@@ -144,6 +145,8 @@ class State:
         self._cloud: dict[ReplicaId, builtins.list[tuple[int, int]]] = {}
         self._by_topic: dict[str, dict[Dot, Entry]] = {}
         self._latest_vsn: dict[str, int] = {replica.name: replica.vsn}
+        # RL5: per name, the vsn of an incarnation that announced its departure (the latest).
+        self._departed: dict[str, int] = {}
         # delta_dots = own (delta_start, counter] + these removed dots older than the window.
         self._delta_start = 0
         self._delta_own_removed: set[int] = set()
@@ -488,15 +491,37 @@ class State:
         name = replica.name
         if name == self.replica.name:
             return False, EMPTY_DIFF
-        latest = self._latest_vsn.get(name)
-        if latest is not None and replica.vsn < latest:
+        if self.superseded(replica):
             return False, EMPTY_DIFF
         self._latest_vsn[name] = replica.vsn
+        if name in self._departed and self._departed[name] < replica.vsn:
+            del self._departed[name]
         older = [peer for peer in self._status if peer.name == name and peer.vsn < replica.vsn]
         leaves: builtins.list[Presence] = []
         for peer in older:
             leaves.extend(self.replica_permdown(peer).leaves)
         return True, Diff(leaves=tuple(leaves)) if leaves else EMPTY_DIFF
+
+    def retire_incarnation(self, replica: ReplicaId) -> Diff:
+        """RL5: an incarnation that announced its departure is superseded from now on (so a
+        message it sent before the announcement is ignored) and permanently down if known."""
+        self._note_vsn(replica)
+        self._departed[replica.name] = replica.vsn
+        gone = [p for p in self._status if p.name == replica.name and p.vsn <= replica.vsn]
+        leaves: builtins.list[Presence] = []
+        for peer in gone:  # it and any older incarnation of its name (RL4)
+            leaves.extend(self.replica_permdown(peer).leaves)
+        return Diff(leaves=tuple(leaves)) if leaves else EMPTY_DIFF
+
+    def superseded(self, replica: ReplicaId) -> bool:
+        """RL4, RL5, GP8: whether anything from ``replica`` is to be ignored: the local node's
+        name, an incarnation older than the latest seen of its name, or one that departed."""
+        if replica.name == self.replica.name:
+            return True
+        latest = self._latest_vsn.get(replica.name)
+        return (latest is not None and replica.vsn < latest) or (
+            self._departed.get(replica.name) == replica.vsn
+        )
 
     def _note_vsn(self, replica: ReplicaId) -> None:
         latest = self._latest_vsn.get(replica.name)
