@@ -87,9 +87,8 @@ MUTANTS = [
     Mutant(
         "older-incarnation-accepted",
         "state",
-        "        if latest is not None and replica.vsn < latest:\n"
-        "            return False, EMPTY_DIFF",
-        "        if False:\n            return False, EMPTY_DIFF",
+        "        return (latest is not None and replica.vsn < latest) or (",
+        "        return False or (",
         "RL4/GP8: a heartbeat from an older incarnation is taken for a new one",
     ),
     Mutant(
