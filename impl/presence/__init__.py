@@ -15,7 +15,7 @@ from presence.core.types import (
     ReplicaId,
     Status,
 )
-from presence.runtime.node import InvalidArgument, InvalidMeta, Node
+from presence.runtime.node import InvalidArgument, InvalidMeta, Node, NodeStopped
 
 __all__ = [
     "AlreadyTracked",
@@ -25,6 +25,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidMeta",
     "Node",
+    "NodeStopped",
     "NotTracked",
     "Presence",
     "PresenceError",

@@ -85,6 +85,13 @@ def add_period_flags(parser: argparse.ArgumentParser, defaults: Config,
                        help="cap of the reconnect backoff (default: %(default)s)")
 
 
+def backoff_from(args: argparse.Namespace) -> Backoff:
+    """The reconnect backoff for ``--reconnect-max-ms``: a cap below the usual first delay
+    (100 ms) lowers the first delay too."""
+    maximum = args.reconnect_max_ms / 1000
+    return Backoff(initial=min(Backoff().initial, maximum), maximum=maximum)
+
+
 def config_from(args: argparse.Namespace) -> Config:
     try:
         return Config(
@@ -157,7 +164,7 @@ async def run_node(args: argparse.Namespace) -> int:
     try:
         node = Node(args.name, listen=args.listen, peers=peers, peer_names=peer_names,
                     config=config, pool_size=args.pool_size, cluster=args.cluster, vsn=args.vsn,
-                    backoff=Backoff(maximum=args.reconnect_max_ms / 1000))
+                    backoff=backoff_from(args))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import random
 import shutil
 import signal
@@ -133,7 +134,7 @@ class Workload:
                     await self.cluster.call(node, "untrack_owner", owner=owner)
                     for handle in [h for h in tracked if h[1] == owner]:
                         del tracked[handle]
-            else:
+            elif self.users[node]:  # a node may have no users (fewer users than nodes)
                 user = self.rng.choice(self.users[node])
                 free = [t for t in TOPICS if (t, f"user-{user}", f"u{user}") not in tracked]
                 if free:
@@ -346,8 +347,8 @@ def main(args: argparse.Namespace) -> int:
         timing.config()
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
+    if not math.isfinite(args.timeout) or args.timeout <= 0:
+        raise UsageError("--timeout must be positive and finite")
     options = DemoOptions(users=args.users, churn=args.churn, seed=args.seed, timing=timing,
                           timeout=args.timeout, keep_running=args.keep_running,
                           log_dir=args.log_dir, history=args.history)

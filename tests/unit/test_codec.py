@@ -22,14 +22,17 @@ from presence.core.types import (
     TransferRequest,
 )
 from presence.runtime.codec import (
+    MAX_META_DEPTH,
     PROTOCOL_VERSION,
     REF_ALLOWANCE_BYTES,
     CodecError,
     Hello,
     Limits,
+    OversizedFrame,
     ShardMessage,
     decode,
     encode,
+    meta_depth_exceeds,
 )
 
 A = ReplicaId("a", 1)
@@ -233,3 +236,46 @@ def test_encoding_checks_what_decoding_will() -> None:
     big = Payload(entries=(Entry(B, 1, "t", "o", "k", {"x": "y" * 200}),), context={B: ((1, 1),)})
     with pytest.raises(CodecError, match="exceeds the limit of 150"):
         encode(ShardMessage(0, TransferAck(A, big)), Limits(max_frame_bytes=150))
+
+
+def _deep(levels: int) -> dict[str, Any]:
+    """A meta ``levels`` deep: the meta object itself is level 1."""
+    value: Any = 1
+    for level in range(levels - 1):  # objects and arrays alternate
+        value = [value] if level % 2 else {"x": value}
+    return {"x": value}
+
+
+def test_meta_nesting_is_bounded_by_the_protocol_on_both_sides() -> None:
+    assert not meta_depth_exceeds(_deep(MAX_META_DEPTH))
+    assert meta_depth_exceeds(_deep(MAX_META_DEPTH + 1))
+    assert not meta_depth_exceeds([[1]], 2) and meta_depth_exceeds([[[1]]], 2)
+    ok = ShardMessage(0, TransferAck(A, Payload((Entry(B, 1, "t", "o", "k", _deep(32)),),
+                                                {B: ((1, 1),)})))
+    assert decode(encode(ok)) == ok
+    deep = {"x": [_deep(MAX_META_DEPTH)]}
+    frame = _ack(_block([[1, 1]], [_entry(1, meta=deep)]))
+    with pytest.raises(CodecError, match=f"meta nests deeper than {MAX_META_DEPTH} levels"):
+        decode(frame)
+    refused = Payload((Entry(B, 1, "t", "o", "k", deep),), {B: ((1, 1),)})
+    with pytest.raises(CodecError, match="nests deeper"):
+        encode(ShardMessage(0, TransferAck(A, refused)))
+
+
+def test_an_oversized_frame_reports_its_size_for_splitting() -> None:
+    big = Payload(entries=(Entry(B, 1, "t", "o", "k", {"x": "y" * 200}),), context={B: ((1, 1),)})
+    with pytest.raises(OversizedFrame) as error:
+        encode(ShardMessage(0, TransferAck(A, big)), Limits(max_frame_bytes=150))
+    assert error.value.limit == 150 and error.value.size > 200
+
+
+def test_a_hello_may_carry_the_senders_listen_address() -> None:
+    hello = Hello(node="n1", cluster="prod", pool_size=8, listen=("10.0.0.1", 7001))
+    assert decode(encode(hello)) == hello
+    # Without one, the field is left out: the hello of a node that does not advertise.
+    assert "listen" not in json.loads(encode(Hello(node="n1", cluster="prod", pool_size=8)))["msg"]
+    for bad in (["", 7001], ["h", 0], ["h", 70000], ["h" * 256, 1]):
+        frame = json.dumps({"v": 1, "msg": {"type": "hello", "node": "n", "cluster": "c",
+                                            "pool_size": 1, "protocol": 1, "listen": bad}})
+        with pytest.raises(CodecError):
+            decode(frame.encode())

@@ -4,6 +4,7 @@ checks and the control endpoint."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 from typing import Any
@@ -19,14 +20,19 @@ from presence.core.types import (
     NotTracked,
     ReplicaId,
     Status,
+    TransferAck,
+    TransferRequest,
 )
-from presence.runtime.codec import Hello, ShardMessage, encode
+from presence.runtime.codec import MAX_INT, MAX_META_DEPTH, Hello, Limits, ShardMessage, encode
 from presence.runtime.control import ControlClient, ControlError, ControlServer
-from presence.runtime.node import InvalidArgument, InvalidMeta, Node, shard_index
+from presence.runtime.node import InvalidArgument, InvalidMeta, Node, NodeStopped, shard_index
 from presence.runtime.transport import frame_bytes
 from tests.unit.runtime_harness import (
+    FAST,
+    QUICK_BACKOFF,
     all_see,
     closed_by_peer,
+    connect_mesh,
     eventually,
     mesh,
     raw_connection,
@@ -347,3 +353,214 @@ async def _exercise_control(client: ControlClient, node: Node) -> None:
         with pytest.raises(ControlError) as error:
             await client.call(op, **arguments)
         assert error.value.kind == kind, (op, arguments)
+
+
+# --- hardening: meta depth, the send path, transfers, misuse -------------------------------------
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    """A meta ``levels`` deep: the meta object itself is level 1."""
+    value: dict[str, Any] = {}
+    for _ in range(levels - 1):
+        value = {"x": value}
+    return value
+
+
+def test_meta_may_nest_up_to_the_protocol_limit_and_no_deeper() -> None:
+    node = Node("a")
+    node.track("o", "room", "deepest", _nested(MAX_META_DEPTH))
+    node.track("o", "room", "in a list", {"x": [[[]]] * 3})
+    cyclic: dict[str, Any] = {}
+    cyclic["self"] = cyclic
+    for meta in (_nested(MAX_META_DEPTH + 1), {"x": [_nested(MAX_META_DEPTH - 1)]}, cyclic):
+        with pytest.raises(InvalidMeta, match=f"deeper than {MAX_META_DEPTH}"):
+            node.track("o", "room", "too deep", meta)
+    with pytest.raises(InvalidMeta, match="larger than"):
+        node.track("o", "room", "wide", {"x": [0] * (64 * 1024)})
+    assert len(node.list("room")) == 2
+
+
+def test_a_message_that_fails_to_encode_costs_that_message_only(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    real_encode = encode
+    failures = 0
+
+    def flaky_encode(frame: ShardMessage, limits: Any) -> bytes:
+        nonlocal failures
+        if failures < 3:
+            failures += 1
+            raise RuntimeError("an encoder bug")
+        return real_encode(frame, limits)
+
+    async def body() -> None:
+        async with mesh(["a", "b"]) as nodes:
+            a, b = nodes["a"], nodes["b"]
+            monkeypatch.setattr("presence.runtime.node.encode", flaky_encode)
+            ref = a.track("o", "room", "k", {})
+            await eventually(lambda: view(b) == {("room", "k", "o", ref)}, "a's presence at b")
+            assert failures == 3
+            assert a._tick_task is not None and not a._tick_task.done()
+    with caplog.at_level(logging.ERROR, "presence"):
+        run(body())
+    assert [r.getMessage() for r in caplog.records] == ["cannot send Heartbeat: an encoder bug"] * 3
+
+
+SMALL_FRAMES = Limits(max_frame_bytes=16 * 1024, max_meta_bytes=4 * 1024)
+
+
+def test_a_delta_too_large_for_a_frame_arrives_by_transfer_and_the_sender_stays_up(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        async with mesh(["a", "b"], limits=SMALL_FRAMES) as nodes:
+            a, b = nodes["a"], nodes["b"]
+            await eventually(lambda: len(b.peers()) == 1, "a up at b")
+            expected = {("room", f"k{i}", "o", a.track("o", "room", f"k{i}", {"b": "x" * 2000}))
+                        for i in range(30)}
+            await eventually(lambda: view(b) == expected, "a's presences at b", timeout=5)
+            assert list(b.peers().values()) == [Status.UP]
+    with caplog.at_level(logging.INFO, "presence"):
+        run(body())
+    assert "sending a heartbeat without its delta of 30 entries" in caplog.text
+    assert "transfer of 30 entries sent as" in caplog.text
+
+
+def test_an_entry_too_large_for_any_frame_is_left_out_of_a_transfer_and_the_rest_arrives(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The meta limit allows more than a frame holds: a misconfiguration, but not a stuck peer.
+    limits = Limits(max_frame_bytes=8 * 1024, max_meta_bytes=16 * 1024)
+
+    async def body() -> None:
+        a = Node("a", config=FAST, backoff=QUICK_BACKOFF, limits=limits)
+        b = Node("b", config=FAST, backoff=QUICK_BACKOFF, limits=limits)
+        try:
+            await a.start()
+            refs = [a.track("o", "room", f"k{i}", {"b": "x" * 1000}) for i in range(20)]
+            a.track("o", "room", "huge", {"b": "x" * 10_000})
+            a.untrack("o", "room", "k0")
+            await b.start()
+            await connect_mesh([a, b])
+            expected = {("room", f"k{i}", "o", refs[i]) for i in range(1, 20)}
+            await eventually(lambda: view(b) == expected, "every presence but the huge one")
+        finally:
+            await a.stop(graceful=False)
+            await b.stop(graceful=False)
+    with caplog.at_level(logging.ERROR, "presence"):
+        run(body())
+    assert "leaving an entry of topic 'room' out of a transfer" in caplog.text
+
+
+def test_transfer_requests_are_answered_once_per_requester_per_period(
+        caplog: pytest.LogCaptureFixture) -> None:
+    slow = Config(broadcast_period_ms=500, max_silent_periods=2, down_period_ms=2000,
+                  permdown_period_ms=10_000)
+
+    async def body() -> None:
+        async with mesh(["a", "b"], config=slow) as nodes:
+            b = nodes["b"]
+            acks: list[ShardMessage] = []
+            deliver = b.transport.on_message
+
+            def count_acks(peer: str, frame: ShardMessage) -> None:
+                if isinstance(frame.message, TransferAck):
+                    acks.append(frame)
+                deliver(peer, frame)
+
+            b.transport.on_message = count_acks
+            request = encode(ShardMessage(0, TransferRequest(b.replica, {})))
+            for _ in range(10):
+                b.transport.send(request, "a")
+            await eventually(lambda: len(acks) == 1
+                             and caplog.text.count("ignoring a transfer request from b") == 9,
+                             "one answer and nine requests ignored")
+            await asyncio.sleep(0.5)  # the next period: answered again
+            b.transport.send(request, "a")
+            await eventually(lambda: len(acks) == 2, "a second answer")
+    with caplog.at_level(logging.DEBUG, "presence.node"):
+        run(body())
+
+
+def test_a_transfer_request_from_a_peer_without_a_route_back_is_ignored(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        async with mesh(["a"]) as nodes:
+            a = nodes["a"]
+            _, writer = await raw_connection(a.address, Hello("evil", "presence", 1))
+            request = encode(ShardMessage(0, TransferRequest(ReplicaId("evil", 1), {})))
+            writer.write(frame_bytes(request))
+            await writer.drain()
+            await eventually(lambda: "no connection to answer on" in caplog.text, "the drop")
+            writer.close()
+    with caplog.at_level(logging.DEBUG, "presence.node"):
+        run(body())
+
+
+@pytest.mark.parametrize("vsn", [True, 1.5, "7"])
+def test_a_vsn_that_is_not_an_integer_is_refused(vsn: Any) -> None:
+    with pytest.raises(InvalidArgument, match="vsn must be an integer"):
+        Node("a", vsn=vsn)
+
+
+def test_the_vsn_range_is_the_wire_range_and_the_default_is_inside_it() -> None:
+    assert Node("a", vsn=0).vsn == 0
+    assert Node("a", vsn=MAX_INT).vsn == MAX_INT
+    assert 0 < Node("a").vsn <= MAX_INT
+
+
+def test_local_operations_after_stop_raise_node_stopped() -> None:
+    async def body() -> None:
+        node = Node("a", config=FAST)
+        await node.start()
+        node.track("o", "room", "k", {})
+        await node.stop(graceful=False)
+        for operation in (lambda: node.track("o", "room", "k2", {}),
+                          lambda: node.update("o", "room", "k", {}),
+                          lambda: node.untrack("o", "room", "k"),
+                          lambda: node.untrack_owner("o")):
+            with pytest.raises(NodeStopped, match="node a is stopped"):
+                operation()
+        assert [p.key for p in node.list("room")] == ["k"]  # queries still answer
+    run(body())
+
+
+def test_a_peer_configured_in_one_direction_only_replicates_both_ways(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        a = Node("a", config=FAST, backoff=QUICK_BACKOFF)
+        await a.start()
+        c = Node("c", config=FAST, backoff=QUICK_BACKOFF, peers=[a.address])
+        await c.start()
+        try:
+            refs = {("room", name, "o", node.track("o", "room", name, {}))
+                    for name, node in (("a", a), ("c", c))}
+            await eventually(all_see([a, c], refs), "each presence at both nodes")
+            assert a.transport.connected() == ["c"]
+        finally:
+            await a.stop(graceful=False)
+            await c.stop(graceful=False)
+    with caplog.at_level(logging.INFO, "presence"):
+        run(body())
+    assert "peer c is not in this node's peer list; dialing it back" in caplog.text
+
+
+def test_control_requests_that_are_not_utf8_or_too_deep_get_bad_request(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        node = Node("a")
+        server = ControlServer(node, ("127.0.0.1", 0))
+        await server.start()
+        try:
+            reader, writer = await asyncio.open_connection(*server.address)
+            for line in (b'{"op": "info", "x": "\xff"}', b"[" * 100_000,
+                         b'{"op": "track", "owner": "o", "topic": "t", "key": "k", "meta": '
+                         + b'{"x": ' * 40 + b"1" + b"}" * 41):
+                writer.write(line + b"\n")
+                await writer.drain()
+                reply = json.loads(await reader.readline())
+                assert not reply["ok"]
+                assert reply["kind"] in ("bad_request", "InvalidMeta"), reply
+            writer.close()
+        finally:
+            await server.close()
+    with caplog.at_level(logging.DEBUG, "presence"):
+        run(body())
+    assert "Traceback" not in caplog.text

@@ -12,7 +12,7 @@ import pytest
 
 from presence.core.types import GracefulPermdown, ReplicaId
 from presence.runtime.codec import DEFAULT_LIMITS, Hello, Limits, ShardMessage, encode
-from presence.runtime.transport import Backoff, Transport, frame_bytes
+from presence.runtime.transport import Backoff, Transport, _reachable, frame_bytes
 from tests.unit.runtime_harness import (
     QUICK_BACKOFF,
     closed_by_peer,
@@ -219,3 +219,153 @@ def test_backoff_grows_exponentially_with_jitter_up_to_its_cap() -> None:
         assert len(delays) > 1
     with pytest.raises(ValueError):
         Backoff(initial=3.0, maximum=2.0)
+
+
+def test_a_peer_that_is_dialed_in_one_direction_only_is_dialed_back(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        got_a: Received = []
+        got_c: Received = []
+        a = _transport("a", got_a)
+        c = _transport("c", got_c)
+        await a.start()
+        await c.start()
+        c.add_peer(a.address)  # a is not told about c
+        try:
+            await eventually(lambda: a.connected() == ["c"] and c.connected() == ["a"],
+                             "links both ways")
+            a.send(encode(_message("a")))
+            await eventually(lambda: got_c == [("a", _message("a"))], "a's frame at c")
+        finally:
+            await a.close()
+            await c.close()
+    with caplog.at_level(logging.INFO, "presence"):
+        run(body())
+    assert caplog.text.count("dialing it back") == 1
+
+
+def test_a_dial_back_is_dropped_when_a_configured_dialer_reaches_the_same_peer() -> None:
+    async def body() -> None:
+        a = _transport("a", [])
+        c = _transport("c", [])
+        await a.start()
+        await c.start()
+        c.add_peer(a.address)
+        try:
+            await eventually(lambda: a.connected() == ["c"], "the dial-back")
+            # Configured later under another spelling of its address: one dialer remains.
+            a.add_peer(("localhost", c.address[1]))
+            await eventually(lambda: len(a._outbound) == 1 and a.connected() == ["c"],
+                             "only the configured dialer")
+            assert not a._outbound[0].learnt
+        finally:
+            await a.close()
+            await c.close()
+    run(body())
+
+
+def test_a_frame_goes_once_to_a_peer_reached_by_two_dialers() -> None:
+    async def body() -> None:
+        got: Received = []
+        a = _transport("a", [])
+        b = _transport("b", got)
+        await a.start()
+        await b.start()
+        a.add_peer(b.address)
+        a.add_peer(("localhost", b.address[1]))
+        try:
+            await eventually(lambda: all(o.queue is not None for o in a._outbound), "both up")
+            a.send(encode(_message("a", 1)))
+            a.send(encode(_message("a", 2)), to="b")
+            await eventually(lambda: len(got) >= 2, "the frames")
+            await a.flush(1.0)
+            assert got == [("a", _message("a", 1)), ("a", _message("a", 2))]
+        finally:
+            await a.close()
+            await b.close()
+    run(body())
+
+
+def test_dial_back_addresses_replace_hosts_that_name_no_machine_from_here() -> None:
+    class Writer:
+        def __init__(self, remote: str) -> None:
+            self.remote = remote
+
+        def get_extra_info(self, name: str) -> tuple[str, int]:
+            return (self.remote, 40000)
+
+    def reachable(listen: tuple[str, int], remote: str) -> tuple[str, int]:
+        return _reachable(listen, Writer(remote))  # type: ignore[arg-type]
+
+    assert reachable(("0.0.0.0", 7001), "10.0.0.5") == ("10.0.0.5", 7001)
+    assert reachable(("::", 7001), "fe80::1") == ("fe80::1", 7001)
+    assert reachable(("127.0.0.1", 7001), "10.0.0.5") == ("10.0.0.5", 7001)
+    assert reachable(("127.0.0.1", 7001), "127.0.0.1") == ("127.0.0.1", 7001)
+    assert reachable(("10.0.0.7", 7001), "10.0.0.5") == ("10.0.0.7", 7001)
+    assert reachable(("node-7.internal", 7001), "10.0.0.5") == ("node-7.internal", 7001)
+
+
+def test_inbound_connections_beyond_the_cap_are_refused() -> None:
+    async def body() -> None:
+        a = Transport(node="a", cluster="test", pool_size=1, listen=("127.0.0.1", 0), peers=[],
+                      on_message=lambda peer, frame: None, max_inbound=2)
+        await a.start()
+        try:
+            first = [await raw_connection(a.address, Hello(f"x{i}", "test", 1)) for i in range(2)]
+            reader, writer = await raw_connection(a.address, None)
+            assert await closed_by_peer(reader)
+            assert a.refused_connections == 1
+            for _, w in first:
+                w.close()
+            writer.close()
+            await eventually(lambda: a.inbound() == [], "the first two closed")
+            _, again = await raw_connection(a.address, Hello("x", "test", 1))
+            await eventually(lambda: a.inbound() == ["x"], "a new connection accepted")
+            again.close()
+        finally:
+            await a.close()
+    run(body())
+
+
+def test_an_idle_inbound_connection_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        got: Received = []
+        a = Transport(node="a", cluster="test", pool_size=1, listen=("127.0.0.1", 0), peers=[],
+                      on_message=lambda peer, frame: got.append((peer, frame)),
+                      idle_timeout=0.3)
+        await a.start()
+        try:
+            reader, writer = await raw_connection(a.address, Hello("x", "test", 1))
+            for _ in range(4):  # frames keep it open past the idle timeout
+                writer.write(frame_bytes(encode(_message("x"))))
+                await asyncio.sleep(0.1)
+            await eventually(lambda: len(got) == 4, "the frames")
+            assert a.inbound() == ["x"]
+            assert await closed_by_peer(reader, timeout=3.0)
+            writer.close()
+        finally:
+            await a.close()
+    with caplog.at_level(logging.INFO, "presence"):
+        run(body())
+    assert "dropping the connection from x: no frame for 0.3 s" in caplog.text
+
+
+def test_a_dial_back_follows_a_peer_that_restarts_elsewhere() -> None:
+    async def body() -> None:
+        a = _transport("a", [])
+        await a.start()
+        old = _transport("c", [])
+        await old.start()
+        old.add_peer(a.address)
+        new = _transport("c", [])
+        try:
+            await eventually(lambda: a.connected() == ["c"], "the first dial-back")
+            await old.close()
+            await new.start()
+            new.add_peer(a.address)
+            await eventually(lambda: [o.address for o in a._outbound] == [new.address]
+                             and a.connected() == ["c"], "the dial-back to the new address")
+        finally:
+            await a.close()
+            await new.close()
+    run(body())

@@ -4,7 +4,7 @@
 """
 
 from presence.runtime.codec import CodecError, Limits
-from presence.runtime.node import InvalidArgument, InvalidMeta, Node, Subscription
+from presence.runtime.node import InvalidArgument, InvalidMeta, Node, NodeStopped, Subscription
 from presence.runtime.transport import Backoff
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "InvalidMeta",
     "Limits",
     "Node",
+    "NodeStopped",
     "Subscription",
 ]

@@ -3,20 +3,22 @@
 Each node is ``python -m presence node`` with a control endpoint; this module starts them on free
 ports, talks to them through :class:`ControlClient`, kills, restarts and partitions them, and polls
 until every live node lists exactly an expected set of presences. Child processes never outlive
-the :class:`Cluster` context, however it is left.
+the :class:`Cluster` context, however it is left; on Linux they do not outlive the process that
+started them either, even when it is killed with SIGKILL (they get SIGTERM, a graceful stop).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -69,6 +71,29 @@ class Timing:
                 "--reconnect-max-ms", str(self.reconnect_max_ms)]
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the child SIGTERM when its parent dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``), so that a SIGKILLed demo or test leaves no node running.
+    None where that is not available: best effort."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not after
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the prctl: no signal will come
+            os._exit(1)
+
+    return preexec
+
+
 def _child_env() -> dict[str, str]:
     # Children import this very package, installed or not.
     source_root = str(Path(presence.__file__).resolve().parent.parent)
@@ -117,7 +142,7 @@ class NodeProcess:
             log.flush()
             self.process = await asyncio.create_subprocess_exec(
                 *command, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                env=_child_env(),
+                env=_child_env(), preexec_fn=_die_with_parent(),
             )
         deadline = time.monotonic() + timeout
         while True:

@@ -24,7 +24,7 @@ replica names out of every entry.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -37,6 +37,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticSerializationError
 
 from presence.core.types import (
     Clock,
@@ -60,9 +61,24 @@ REF_ALLOWANCE_BYTES = 1024
 """Room the codec leaves, above a caller's meta limit, for the ``phx_ref``/``phx_ref_prev`` the
 core adds (two refs of a name of at most 255 characters and two 64-bit integers each)."""
 
+MAX_META_DEPTH = 32
+"""How deeply a meta may nest: the meta object counts as level 1, each object or array inside it
+one more. Part of the protocol, not a per-node limit: what one node tracks every peer must decode.
+(The JSON parser refuses a frame nested about 200 deep, the serialiser about 250; a meta sits
+about 8 levels down in a frame, so 32 leaves a wide margin.)"""
+
 
 class CodecError(ValueError):
     """A frame that cannot be encoded or decoded: malformed, of a wrong shape, or out of bounds."""
+
+
+class OversizedFrame(CodecError):
+    """An encoded frame above the frame limit; ``size`` tells by how much, for splitting."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"encoded frame of {size} bytes exceeds the limit of {limit}")
+        self.size = size
+        self.limit = limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +108,18 @@ DEFAULT_LIMITS = Limits()
 
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """The first frame on every connection, in both directions."""
+    """The first frame on every connection, in both directions.
+
+    ``listen`` is the address the sender accepts peers on, so that a node dialed by a peer it
+    was not configured with can dial it back (an unspecified host such as ``0.0.0.0`` means: the
+    address this connection comes from).
+    """
 
     node: str
     cluster: str
     pool_size: int
     protocol: int = PROTOCOL_VERSION
+    listen: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +169,25 @@ def _check_string(value: str, info: ValidationInfo) -> str:
     return _check_text(value, _limits(info).max_string_chars, "string")
 
 
+def meta_depth_exceeds(value: object, limit: int = MAX_META_DEPTH) -> bool:
+    """Whether ``value`` nests objects and arrays more than ``limit`` levels deep (``value``
+    itself, if it is one, being level 1). Iterative, so no input can exhaust the interpreter's
+    recursion limit, and it stops at the first path that is too deep (a cycle is one)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 def meta_size(meta: Mapping[str, Any]) -> int:
     """Bytes of ``meta`` as compact UTF-8 JSON; raises ``ValueError`` if it is not JSON."""
     return len(
@@ -182,6 +223,8 @@ class WireEntry(_Wire):
     @field_validator("meta")
     @classmethod
     def _meta_bounded(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if meta_depth_exceeds(value):
+            raise ValueError(f"meta nests deeper than {MAX_META_DEPTH} levels")
         limit = _limits(info).max_meta_bytes + REF_ALLOWANCE_BYTES
         try:
             size = meta_size(value)
@@ -273,11 +316,21 @@ class WireHello(_Wire):
     cluster: str
     pool_size: Annotated[int, Field(ge=1, le=65536)]
     protocol: Annotated[int, Field(ge=1, le=MAX_INT)]
+    listen: tuple[str, Annotated[int, Field(ge=1, le=65535)]] | None = None
 
     @field_validator("node", "cluster")
     @classmethod
     def _names(cls, value: str, info: ValidationInfo) -> str:
         return _check_name(value, info, str(info.field_name))
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(
+        cls, value: tuple[str, int] | None, info: ValidationInfo
+    ) -> tuple[str, int] | None:
+        if value is not None:
+            _check_name(value[0], info, "listen host")
+        return value
 
 
 class WireHeartbeat(_WithClock):
@@ -405,7 +458,7 @@ def _frame_from_wire(envelope: WireEnvelope) -> Frame:
     msg = envelope.msg
     if isinstance(msg, WireHello):
         return Hello(node=msg.node, cluster=msg.cluster, pool_size=msg.pool_size,
-                     protocol=msg.protocol)
+                     protocol=msg.protocol, listen=msg.listen)
     assert envelope.shard is not None  # guaranteed by WireEnvelope's validator
     sender = ReplicaId(*msg.sender)
     message: Message
@@ -438,6 +491,8 @@ def encode(frame: Frame, limits: Limits = DEFAULT_LIMITS) -> bytes:
             "msg": {"type": "hello", "node": frame.node, "cluster": frame.cluster,
                     "pool_size": frame.pool_size, "protocol": frame.protocol},
         }
+        if frame.listen is not None:
+            raw["msg"]["listen"] = frame.listen
     elif isinstance(frame, ShardMessage):
         raw = {"v": PROTOCOL_VERSION, "shard": frame.shard, "msg": _message_to_wire(frame.message)}
     else:
@@ -446,11 +501,12 @@ def encode(frame: Frame, limits: Limits = DEFAULT_LIMITS) -> bytes:
         envelope = WireEnvelope.model_validate(raw, context={"limits": limits})
     except ValidationError as exc:
         raise CodecError(f"cannot encode frame: {_describe(exc)}") from None
-    data = envelope.model_dump_json().encode()
+    try:
+        data = envelope.model_dump_json(exclude_none=isinstance(frame, Hello)).encode()
+    except PydanticSerializationError as exc:  # validation passed, so a bug: still a CodecError
+        raise CodecError(f"cannot encode frame: {exc}") from None
     if len(data) > limits.max_frame_bytes:
-        raise CodecError(
-            f"encoded frame of {len(data)} bytes exceeds the limit of {limits.max_frame_bytes}"
-        )
+        raise OversizedFrame(len(data), limits.max_frame_bytes)
     return data
 
 

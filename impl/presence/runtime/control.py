@@ -132,12 +132,18 @@ class ControlServer:
 
     def _handle_line(self, line: bytes) -> tuple[dict[str, Any], Callable[[], None] | None]:
         try:
-            request = json.loads(line)
+            request = json.loads(line.decode("utf-8"))
             if not isinstance(request, dict):
                 raise ControlError("a request must be a JSON object", "bad_request")
             result, after = self._dispatch(request)
+        except UnicodeDecodeError:
+            return {"ok": False, "error": "a request must be UTF-8 text",
+                    "kind": "bad_request"}, None
         except json.JSONDecodeError as exc:
             return {"ok": False, "error": f"invalid JSON: {exc}", "kind": "bad_request"}, None
+        except RecursionError:  # json.loads of a line of ten thousand "["
+            return {"ok": False, "error": "request nested too deeply",
+                    "kind": "bad_request"}, None
         except ControlError as exc:
             return {"ok": False, "error": str(exc), "kind": exc.kind}, None
         except PresenceError as exc:
@@ -204,6 +210,7 @@ class ControlServer:
             "total": sum(sizes.values()),
             "bad_frames": node.transport.bad_frames,
             "cut_frames": node.transport.cut_frames,
+            "refused_connections": node.transport.refused_connections,
             "rejected_messages": node.rejected_messages,
             "config": {
                 "broadcast_period_ms": config.broadcast_period_ms,

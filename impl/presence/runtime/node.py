@@ -9,7 +9,13 @@ The node is the thin, effectful shell around the sans-IO core. It owns
   size, which is why every node of a cluster must use the same pool size); what a shard asks to
   send is encoded once and handed to the transport;
 * the boundary checks of local callers: topics, owners and keys are bounded strings and meta is a
-  bounded JSON object, checked before anything changes (the core trusts its callers);
+  bounded JSON object (at most ``MAX_META_DEPTH`` levels deep, so that every peer can decode it),
+  checked before anything changes (the core trusts its callers);
+* what goes on the wire: a message that cannot be encoded is logged and dropped, never allowed
+  to stop the tick loop; a transfer ack too large for one frame goes as several (``split_payload``)
+  and a heartbeat whose delta is too large goes without it (peers then catch up by transfer);
+* transfer requests: answered only to a peer this node can send to, at most once per requester
+  and shard per broadcast period, since each answer encodes the whole state on the event loop;
 * owners: ids for callers that have none, and owners tied to an ``async with`` block or to an
   asyncio task, whose presences are untracked when the block exits or the task ends;
 * subscribers: every diff (local operation, merge, peer up/down) is passed on to them.
@@ -26,24 +32,34 @@ import logging
 import random
 import time
 import zlib
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
+from presence.core.chunks import drop_entries, split_payload
 from presence.core.config import Config
 from presence.core.shard import Shard
 from presence.core.types import (
     Diff,
+    Heartbeat,
+    Message,
     Output,
     Presence,
     PresenceError,
     ReplicaEventKind,
     ReplicaId,
     Status,
+    TransferAck,
+    TransferRequest,
 )
 from presence.runtime.codec import (
     DEFAULT_LIMITS,
+    MAX_INT,
+    MAX_META_DEPTH,
     CodecError,
     Limits,
+    OversizedFrame,
     ShardMessage,
     encode,
 )
@@ -59,7 +75,17 @@ class InvalidArgument(PresenceError, ValueError):
 
 
 class InvalidMeta(InvalidArgument):
-    """Meta that is not a JSON object with string keys within the node's size limit."""
+    """Meta that is not a JSON object with string keys within the node's size limit and
+    ``MAX_META_DEPTH`` levels of nesting."""
+
+
+class NodeStopped(PresenceError, RuntimeError):
+    """A local operation on a node that has stopped: its peers have forgotten it (or will)."""
+
+
+IDLE_DOWN_PERIODS = 3
+"""An accepted connection that carries no frame for this many down periods is dropped: a live
+peer heartbeats more often than once per down period."""
 
 
 def shard_index(topic: str, pool_size: int) -> int:
@@ -136,13 +162,19 @@ class Node:
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
         flush_timeout: float = 1.0,
+        max_inbound: int = 256,
     ) -> None:
         if not isinstance(name, str) or not name or len(name) > limits.max_name_chars:
             raise InvalidArgument(f"node name must be 1 to {limits.max_name_chars} characters")
         if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
             raise InvalidArgument(f"pool_size must be a positive integer, got {pool_size!r}")
+        if vsn is None:
+            vsn = time.time_ns()  # below MAX_INT until the year 2262
+        if isinstance(vsn, bool) or not isinstance(vsn, int) or not 0 <= vsn <= MAX_INT:
+            # Every frame carries the vsn: one the codec cannot encode is a node that never gossips.
+            raise InvalidArgument(f"vsn must be an integer from 0 to {MAX_INT}, got {vsn!r}")
         self.config = config or Config()
-        self.replica = ReplicaId(name, time.time_ns() if vsn is None else vsn)
+        self.replica = ReplicaId(name, vsn)
         self.pool_size = pool_size
         self.cluster = cluster
         self.limits = limits
@@ -152,8 +184,11 @@ class Node:
         self.transport = Transport(
             node=name, cluster=cluster, pool_size=pool_size, listen=listen, peers=peers,
             peer_names=peer_names, on_message=self._on_message, limits=limits, backoff=backoff,
-            rng=self._rng,
+            rng=self._rng, max_inbound=max_inbound,
+            idle_timeout=IDLE_DOWN_PERIODS * self.config.down_ms / 1000,
         )
+        self._answered: dict[tuple[int, str], int] = {}
+        """When a transfer request was last answered, per (shard, requester name)."""
         self._owner_ids = itertools.count(1)
         self._task_owners: dict[asyncio.Task[Any], str] = {}
         self._subscriptions: set[Subscription] = set()
@@ -187,7 +222,7 @@ class Node:
         if self._running:
             return
         if self._stopped:
-            raise RuntimeError("a stopped node cannot start again; create a new incarnation")
+            raise NodeStopped("a stopped node cannot start again; create a new incarnation")
         await self.transport.start()
         self._running = True
         self._tick_task = asyncio.create_task(self._tick_loop(), name=f"tick {self.name}")
@@ -226,7 +261,10 @@ class Node:
         await asyncio.sleep(self._rng.uniform(0, period / 4))
         next_at = loop.time()
         while True:
-            self._tick()
+            try:
+                self._tick()
+            except Exception:  # a bug must cost one tick, never every later heartbeat
+                log.exception("%s: a tick failed", self.name)
             next_at += period
             now = loop.time()
             if next_at < now:  # fell behind (a paused process): skip the missed ticks, no burst
@@ -235,6 +273,9 @@ class Node:
 
     def _tick(self) -> None:
         now = monotonic_ms()
+        if self._answered:
+            period = self.config.broadcast_period_ms
+            self._answered = {k: t for k, t in self._answered.items() if now - t < period}
         for index, shard in enumerate(self._shards):
             try:
                 output = shard.tick(now)
@@ -258,22 +299,89 @@ class Node:
             log.warning("dropping a message from %s that claims to be from %s",
                         peer, message.sender.name)
             return
-        output = self._shards[frame.shard].receive(message, monotonic_ms())
+        now = monotonic_ms()
+        if isinstance(message, TransferRequest) and not self._may_answer(frame.shard, peer, now):
+            return
+        output = self._shards[frame.shard].receive(message, now)
         self._dispatch(frame.shard, output)
+
+    def _may_answer(self, index: int, peer: str, now: int) -> bool:
+        """Whether to answer a transfer request (GP5). An answer costs a full-state encode on the
+        event loop, so: only when it can be delivered, and once per requester and shard per
+        broadcast period (a requester asks at most once per sample). A dropped request is a lost
+        message: the requester asks again at its next sample."""
+        if not self.transport.can_send(peer):
+            log.debug("ignoring a transfer request from %s: no connection to answer on", peer)
+            return False
+        last = self._answered.get((index, peer))
+        if last is not None and now - last < self.config.broadcast_period_ms:
+            log.debug("ignoring a transfer request from %s: answered %d ms ago", peer, now - last)
+            return False
+        self._answered[(index, peer)] = now
+        return True
 
     def _dispatch(self, index: int, output: Output) -> None:
         for send in output.sends:
             try:
-                data = encode(ShardMessage(index, send.message), self.limits)
-            except CodecError as exc:
-                log.error("cannot send %s: %s", type(send.message).__name__, exc)
+                frames = self._encode(index, send.message)
+            except Exception as exc:  # never let one message stop the tick loop or a reader
+                log.error("cannot send %s: %s", type(send.message).__name__, exc,
+                          exc_info=not isinstance(exc, CodecError))
                 continue
-            self.transport.send(data, send.to)
+            for data in frames:
+                self.transport.send(data, send.to)
         for event in output.events:
             level = logging.INFO if event.kind is ReplicaEventKind.UP else logging.WARNING
             log.log(level, "%s: replica %s (vsn %d) is %s",
                     self.name, event.replica.name, event.replica.vsn, event.kind.value)
         self._publish(output.diff)
+
+    def _encode(self, index: int, message: Message) -> builtins.list[bytes]:
+        """The frames that carry ``message``: one, or several for a transfer ack too large for
+        one. Raises ``CodecError`` if it cannot be sent at all."""
+        try:
+            return [encode(ShardMessage(index, message), self.limits)]
+        except CodecError as exc:
+            if isinstance(message, TransferAck):
+                return self._encode_ack_chunks(index, message, exc)
+            if isinstance(message, Heartbeat) and message.delta is not None:
+                # The delta is lost, as if the network had dropped it; the clock still tells the
+                # peers they are behind, and they catch up by transfer (chunked if need be).
+                log.warning("sending a heartbeat without its delta of %d entries: %s",
+                            len(message.delta.entries), exc)
+                return [encode(ShardMessage(index, replace(message, delta=None)), self.limits)]
+            raise
+
+    def _encode_ack_chunks(
+        self, index: int, ack: TransferAck, error: CodecError
+    ) -> builtins.list[bytes]:
+        """A transfer ack as several acks, each a safe chunk of the full state (see
+        ``presence.core.chunks``): split until each fits a frame; an entry that cannot be encoded
+        even alone is logged and left out, with its dot, so the rest still arrives."""
+        payload = ack.payload
+        per_chunk = len(payload.entries)
+        if isinstance(error, OversizedFrame):  # aim at half the limit: entry sizes vary
+            per_chunk = per_chunk * error.limit // (2 * error.size)
+        pending = deque(split_payload(payload, max(1, per_chunk)))
+        frames: builtins.list[bytes] = []
+        skipped = 0
+        while pending:
+            chunk = pending.popleft()
+            try:
+                frames.append(encode(ShardMessage(index, replace(ack, payload=chunk)), self.limits))
+            except CodecError as exc:
+                if len(chunk.entries) > 1:
+                    pending.extendleft(reversed(split_payload(chunk, len(chunk.entries) // 2)))
+                elif chunk.entries:
+                    skipped += 1
+                    log.error("leaving an entry of topic %r out of a transfer: %s",
+                              chunk.entries[0].topic, exc)
+                    pending.appendleft(drop_entries(chunk, chunk.entries))
+                else:
+                    log.error("leaving part of a context out of a transfer: %s", exc)
+        log.info("transfer of %d entries sent as %d frames%s", len(payload.entries), len(frames),
+                 f", {skipped} left out" if skipped else "")
+        return frames
 
     # --- subscribers ----------------------------------------------------------------------------
 
@@ -281,6 +389,8 @@ class Node:
         """Diffs from now on, as an async iterator (``async for diff in node.subscribe()``)."""
         subscription = Subscription(self, topic)
         self._subscriptions.add(subscription)
+        if self._stopped:  # nothing will ever come: end the iteration at once
+            subscription.close()
         return subscription
 
     def on_diff(self, callback: DiffCallback) -> Callable[[], None]:
@@ -305,8 +415,11 @@ class Node:
         """Track ``key`` in ``topic`` for ``owner``; returns the new presence's ref.
 
         Raises ``AlreadyTracked`` if the owner already tracks that key in that topic, and
-        ``InvalidArgument``/``InvalidMeta`` for bad input; nothing changes then.
+        ``InvalidArgument``/``InvalidMeta`` for bad input (meta must be a JSON object of at most
+        ``MAX_META_DEPTH`` levels and ``limits.max_meta_bytes`` bytes); nothing changes then.
+        Raises ``NodeStopped`` after ``stop()``.
         """
+        self._check_running()
         self._check_strings(owner=owner, topic=topic, key=key)
         clean = self._clean_meta(meta)
         diff = self._shard(topic).track(owner, topic, key, clean)
@@ -314,7 +427,9 @@ class Node:
         return str(diff.joins[0].meta["phx_ref"])
 
     def update(self, owner: str, topic: str, key: str, meta: Mapping[str, Any]) -> str:
-        """Replace the meta of a tracked presence; returns its new ref. Raises ``NotTracked``."""
+        """Replace the meta of a tracked presence; returns its new ref. Raises ``NotTracked``,
+        and the errors of ``track``."""
+        self._check_running()
         self._check_strings(owner=owner, topic=topic, key=key)
         clean = self._clean_meta(meta)
         diff = self._shard(topic).update(owner, topic, key, clean)
@@ -322,14 +437,17 @@ class Node:
         return str(diff.joins[0].meta["phx_ref"])
 
     def untrack(self, owner: str, topic: str, key: str) -> bool:
-        """Stop tracking; returns whether anything was tracked."""
+        """Stop tracking; returns whether anything was tracked. Raises ``NodeStopped``."""
+        self._check_running()
         self._check_strings(owner=owner, topic=topic, key=key)
         diff = self._shard(topic).untrack(owner, topic, key)
         self._publish(diff)
         return bool(diff)
 
     def untrack_owner(self, owner: str) -> int:
-        """Untrack everything ``owner`` tracks on this node; returns how many presences left."""
+        """Untrack everything ``owner`` tracks on this node; returns how many presences left.
+        Raises ``NodeStopped``."""
+        self._check_running()
         self._check_strings(owner=owner)
         removed = 0
         for shard in self._shards:
@@ -385,9 +503,11 @@ class Node:
 
     def list(self, topic: str) -> list[Presence]:
         """The presences of a topic visible at this node, sorted by (key, owner, ref)."""
+        _check_query(topic=topic)
         return self._shard(topic).list(topic)
 
     def get_by_key(self, topic: str, key: str) -> builtins.list[Presence]:
+        _check_query(topic=topic, key=key)
         return self._shard(topic).get_by_key(topic, key)
 
     def topics(self) -> builtins.list[str]:
@@ -426,6 +546,10 @@ class Node:
     def _shard(self, topic: str) -> Shard:
         return self._shards[shard_index(topic, self.pool_size)]
 
+    def _check_running(self) -> None:
+        if self._stopped:
+            raise NodeStopped(f"node {self.name} is stopped; start a new Node to track again")
+
     def _check_strings(self, **values: object) -> None:
         limit = self.limits.max_string_chars
         for what, value in values.items():
@@ -443,6 +567,9 @@ class Node:
         change what is tracked, and what peers decode equals what this node stores."""
         if not isinstance(meta, Mapping):
             raise InvalidMeta(f"meta must be a dict, got {type(meta).__name__}")
+        # First, without recursion: the depth (which also catches cycles), the keys, and a bound
+        # on the work, so json.dumps below can neither recurse too deep nor run for long.
+        _check_meta_shape(meta, self.limits.max_meta_bytes)
         try:
             text = json.dumps(
                 dict(meta), separators=(",", ":"), ensure_ascii=False, allow_nan=False
@@ -450,7 +577,6 @@ class Node:
             size = len(text.encode())
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidMeta(f"meta is not JSON-serialisable: {exc}") from None
-        _check_string_keys(meta)
         if size > self.limits.max_meta_bytes:
             raise InvalidMeta(
                 f"meta is {size} bytes as JSON, more than the limit of {self.limits.max_meta_bytes}"
@@ -459,14 +585,32 @@ class Node:
         return clean
 
 
-def _check_string_keys(value: object) -> None:
-    # json.dumps would silently turn 1 into "1": a key that would not round-trip is an error.
-    # Only called once json.dumps has accepted the value, so there is no cycle to recurse into.
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise InvalidMeta(f"meta keys must be strings, got {key!r}")
-            _check_string_keys(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            _check_string_keys(item)
+def _check_query(**values: object) -> None:
+    for what, value in values.items():
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{what} must be a string, got {type(value).__name__}")
+
+
+def _check_meta_shape(meta: Mapping[str, Any], max_bytes: int) -> None:
+    """Raise ``InvalidMeta`` for meta nested deeper than ``MAX_META_DEPTH`` (a cycle is), with a
+    key that is not a string (json.dumps would silently turn 1 into "1", which does not
+    round-trip), or with more values than ``max_bytes`` (each takes at least a byte of JSON)."""
+    stack: list[tuple[object, int]] = [(meta, 1)]
+    values = 0
+    while stack:
+        value, depth = stack.pop()
+        values += 1
+        if values > max_bytes:
+            raise InvalidMeta(f"meta is larger than the limit of {max_bytes} bytes")
+        if isinstance(value, Mapping):
+            for key in value:
+                if not isinstance(key, str):
+                    raise InvalidMeta(f"meta keys must be strings, got {key!r}")
+            children: Iterable[object] = value.values()
+        elif isinstance(value, list | tuple):
+            children = value
+        else:
+            continue
+        if depth > MAX_META_DEPTH:
+            raise InvalidMeta(f"meta nests deeper than {MAX_META_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in children)

@@ -5,14 +5,18 @@ Every frame is a 4-byte big-endian length followed by that many bytes of encoded
 outbound connection per peer for everything it sends; the connections it accepts are only read.
 Both directions open with a ``hello`` frame (the dialer's first, then the acceptor's reply), which
 names the node at the other end and lets either side refuse a peer of another cluster, protocol
-version or pool size (G18) before any core message flows.
+version or pool size (G18) before any core message flows. The hello also gives the address the
+sender listens on: a node accepting a peer it does not dial yet (configured in one direction only)
+dials it back, so that every link carries frames both ways.
 
 What goes wrong is contained to the smallest unit that can be dropped:
 
 * a frame that fails to decode is logged and dropped; the connection and later frames are kept;
 * a length prefix above the frame limit cannot be skipped safely (its bytes may never come), so
   the connection is dropped and logged; the peer redials;
-* an exception in the frame handler is logged; reading goes on.
+* an exception in the frame handler is logged; reading goes on;
+* accepted connections are capped (``max_inbound``), and one that carries no frame for
+  ``idle_timeout`` seconds after its handshake is dropped (a live peer heartbeats regularly).
 
 Frames to a peer that is not connected are dropped rather than queued: the gossip protocol repairs
 lost deltas by clock comparison and transfer, and a backlog of stale heartbeats only delays it.
@@ -25,12 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import random
 import struct
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from presence.runtime.codec import (
@@ -113,18 +118,26 @@ def frame_bytes(data: bytes) -> bytes:
 
 
 class _Outbound:
-    """The dialer of one configured peer address and, once connected, its send queue."""
+    """The dialer of one peer address and, once connected, its send queue.
 
-    def __init__(self, transport: Transport, address: Address, expected: str | None) -> None:
+    ``learnt``: dialed back because that peer dialed this node first, not configured.
+    """
+
+    def __init__(self, transport: Transport, address: Address, expected: str | None,
+                 learnt: bool = False) -> None:
         self.transport = transport
         self.address = address
         self.expected = expected
+        self.learnt = learnt
         self.name = expected
         """The peer's node name: configured, or learnt from its hello (kept across reconnects)."""
         self.queue: asyncio.Queue[bytes] | None = None
         """Present while a handshaken connection is up."""
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.stopping = False
+        """Set before the task is cancelled: a cancellation that Python 3.11's ``wait_for``
+        swallows (when the awaited future completes at the same moment) still ends the loop."""
         self._last_failure: str | None = None
         self._failures = 0
         """Consecutive attempts since the last successful handshake: the backoff exponent."""
@@ -156,7 +169,7 @@ class _Outbound:
         self._last_failure = reason
 
     async def _run(self) -> None:
-        while True:
+        while not self.stopping:
             try:
                 await self._connect_and_send()
             except Exception as exc:  # any failure of one connection only means: redial
@@ -166,18 +179,17 @@ class _Outbound:
             self._failures += 1
             # A hello from this peer on an inbound connection means it is back: redial now.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self.wake.wait()
 
     async def _connect_and_send(self) -> None:
         transport = self.transport
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(*self.address), transport.handshake_timeout
-        )
+        async with asyncio.timeout(transport.handshake_timeout):
+            reader, writer = await asyncio.open_connection(*self.address)
         try:
             writer.write(frame_bytes(transport.hello_bytes))
-            reply = await asyncio.wait_for(
-                read_frame(reader, MAX_HELLO_BYTES), transport.handshake_timeout
-            )
+            async with asyncio.timeout(transport.handshake_timeout):
+                reply = await read_frame(reader, MAX_HELLO_BYTES)
             hello = decode(reply, transport.limits)
             if not isinstance(hello, Hello):
                 raise HandshakeError("first frame was not a hello")
@@ -188,6 +200,7 @@ class _Outbound:
                 log.warning("peer at %s was %s and is now %s",
                             format_address(self.address), self.name, hello.node)
             self.name = hello.node
+            transport.named(self)
             self._last_failure = None
             self._failures = 0
             self._dropped = 0
@@ -211,6 +224,7 @@ class _Outbound:
                 queue.task_done()
 
     async def stop(self) -> None:
+        self.stopping = True
         if self.task is not None:
             await cancel_and_wait(self.task)
 
@@ -265,7 +279,12 @@ class Transport:
         rng: random.Random | None = None,
         handshake_timeout: float = 5.0,
         send_queue_frames: int = 4096,
+        max_inbound: int = 256,
+        idle_timeout: float | None = 300.0,
     ) -> None:
+        """``max_inbound`` caps the accepted connections (handshaken or not); a full mesh needs
+        one per peer. ``idle_timeout`` (None: never) drops an accepted connection that carries no
+        frame for that many seconds after its handshake."""
         self.hello = Hello(node=node, cluster=cluster, pool_size=pool_size,
                            protocol=PROTOCOL_VERSION)
         self.hello_bytes = encode(self.hello, limits)
@@ -276,6 +295,10 @@ class Transport:
         self.rng = rng or random.Random()
         self.handshake_timeout = handshake_timeout
         self.send_queue_frames = send_queue_frames
+        self.max_inbound = max_inbound
+        self.idle_timeout = idle_timeout
+        self.refused_connections = 0
+        """Connections closed at once because ``max_inbound`` were open."""
         self.bad_frames = 0
         """Frames dropped because they failed to decode or broke the frame size limit."""
         self.cut_frames = 0
@@ -288,20 +311,27 @@ class Transport:
         self._cut: set[str] = set()
         self._server: asyncio.Server | None = None
         self._readers: set[asyncio.Task[None]] = set()
+        self._retired: set[asyncio.Task[None]] = set()
+        """Dialers stopped because another one reaches the same peer; awaited on close."""
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Listen, then dial every peer. Raises ``OSError`` if the address cannot be bound."""
         self._server = await asyncio.start_server(self._accept, *self.listen)
+        # Only now is the port known (0 asks for any), so only now can the hello advertise it.
+        self.hello = replace(self.hello, listen=self.address)
+        self.hello_bytes = encode(self.hello, self.limits)
         for outbound in self._outbound:
             outbound.start()
         log.info("%s listening on %s", self.hello.node, format_address(self.address))
 
     def add_peer(self, address: Address, name: str | None = None) -> None:
         """Dial one more peer (a no-op for an address already dialed)."""
-        if any(o.address == address for o in self._outbound):
-            return
+        for outbound in self._outbound:
+            if outbound.address == address:
+                outbound.learnt = False  # configured now: never replaced by a dial-back
+                return
         outbound = _Outbound(self, address, name)
         self._outbound.append(outbound)
         if self._server is not None:
@@ -325,7 +355,8 @@ class Transport:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        await asyncio.gather(*(o.stop() for o in self._outbound))
+        await asyncio.gather(*(o.stop() for o in self._outbound), *self._retired,
+                             return_exceptions=True)
         # Closing the sockets ends the readers; cancelling is only the fallback.
         for writer in list(self._inbound):
             writer.close()
@@ -343,16 +374,27 @@ class Transport:
     def send(self, data: bytes, to: str | None = None) -> None:
         """Queue an encoded frame for peer ``to``, or for every connected peer when None.
 
-        Dropped silently for a peer that is not connected or is cut.
+        Dropped silently for a peer that is not connected or is cut. A peer reached by two
+        dialers (configured under two addresses) gets the frame once.
         """
+        sent: set[str] = set()
         for outbound in self._outbound:
             name = outbound.name
-            if name is None or (to is not None and name != to):
+            if name is None or outbound.queue is None or name in sent:
                 continue
+            if to is not None and name != to:
+                continue
+            sent.add(name)
             if name in self._cut:
                 self.cut_frames += 1
                 continue
             outbound.offer(data)
+
+    def can_send(self, name: str) -> bool:
+        """Whether a frame for peer ``name`` would be queued now (connected and not cut)."""
+        return name not in self._cut and any(
+            o.name == name and o.queue is not None for o in self._outbound
+        )
 
     def cut(self, names: Iterable[str]) -> None:
         self._cut.update(names)
@@ -368,7 +410,7 @@ class Transport:
 
     def connected(self) -> list[str]:
         """Names of the peers this node can currently send to."""
-        return sorted(o.name for o in self._outbound if o.queue is not None and o.name)
+        return sorted({o.name for o in self._outbound if o.queue is not None and o.name})
 
     def inbound(self) -> list[str]:
         """Names of the peers currently connected to this node."""
@@ -396,11 +438,19 @@ class Transport:
             raise HandshakeError(f"the peer calls itself {hello.node!r}, as this node does")
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        remote = _remote(writer)
+        if len(self._inbound) >= self.max_inbound:
+            self.refused_connections += 1
+            if self.refused_connections == 1 or self.refused_connections % 1000 == 0:
+                log.warning("refusing connection from %s: %d connections are open already "
+                            "(%d refused so far)", remote, self.max_inbound,
+                            self.refused_connections)
+            writer.close()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._readers.add(task)
         self._inbound[writer] = None
-        remote = _remote(writer)
         try:
             name = await self._handshake_inbound(reader, writer, remote)
             if name is not None:
@@ -408,6 +458,8 @@ class Transport:
                 await self._read_loop(reader, name)
         except asyncio.IncompleteReadError:
             log.debug("inbound connection from %s closed", remote)
+        except IdleConnection as exc:
+            log.info("dropping the connection from %s: %s", self._inbound[writer] or remote, exc)
         except FrameTooLarge as exc:
             self.bad_frames += 1
             log.warning("dropping connection from %s: %s", self._inbound[writer] or remote, exc)
@@ -426,7 +478,8 @@ class Transport:
     async def _handshake_inbound(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, remote: str
     ) -> str | None:
-        data = await asyncio.wait_for(read_frame(reader, MAX_HELLO_BYTES), self.handshake_timeout)
+        async with asyncio.timeout(self.handshake_timeout):
+            data = await read_frame(reader, MAX_HELLO_BYTES)
         try:
             hello = decode(data, self.limits)
         except CodecError as exc:
@@ -449,11 +502,62 @@ class Transport:
         for outbound in self._outbound:
             if outbound.queue is None and outbound.name in (None, hello.node):
                 outbound.wake.set()
+        self._dial_back(hello, writer)
         return hello.node
+
+    def _dial_back(self, hello: Hello, writer: asyncio.StreamWriter) -> None:
+        """Dial a peer that dialed this node but that this node does not dial (configured in one
+        direction only): else frames would only flow one way, and the peer would see this node
+        up while nothing of its own ever arrived here."""
+        if hello.listen is None:
+            return
+        address = _reachable(hello.listen, writer)
+        name = hello.node
+        for outbound in list(self._outbound):
+            if outbound.address == address:
+                if not outbound.learnt or outbound.expected == name:
+                    return
+                self._retire(outbound)  # another node listens there now
+            elif outbound.name == name or outbound.expected == name:
+                if not outbound.learnt:
+                    return  # configured: the wake-up above redials it
+                # A dial-back to an address the peer no longer listens on (it restarted).
+                self._retire(outbound)
+        if sum(o.learnt for o in self._outbound) >= self.max_inbound:
+            log.warning("not dialing back %s at %s: %d peers are dialed back already",
+                        name, format_address(address), self.max_inbound)
+            return
+        log.info("peer %s is not in this node's peer list; dialing it back at %s",
+                 name, format_address(address))
+        outbound = _Outbound(self, address, name, learnt=True)
+        self._outbound.append(outbound)
+        if self._server is not None:
+            outbound.start()
+
+    def named(self, outbound: _Outbound) -> None:
+        """``outbound`` has just learnt its peer's name: a dial-back to the same peer is
+        redundant beside a configured dialer."""
+        if outbound.learnt:
+            return
+        for other in list(self._outbound):
+            if other is not outbound and other.learnt and other.name == outbound.name:
+                self._retire(other)
+
+    def _retire(self, outbound: _Outbound) -> None:
+        self._outbound.remove(outbound)
+        outbound.stopping = True
+        if outbound.task is not None:
+            outbound.task.cancel()
+            self._retired.add(outbound.task)
+            outbound.task.add_done_callback(self._retired.discard)
 
     async def _read_loop(self, reader: asyncio.StreamReader, name: str) -> None:
         while True:
-            data = await read_frame(reader, self.limits.max_frame_bytes)
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    data = await read_frame(reader, self.limits.max_frame_bytes)
+            except TimeoutError:
+                raise IdleConnection(f"no frame for {self.idle_timeout:g} s") from None
             try:
                 frame = decode(data, self.limits)
             except CodecError as exc:
@@ -474,6 +578,32 @@ class Transport:
                 self.on_message(name, frame)
             except Exception:
                 log.exception("error handling a frame from %s", name)
+
+
+class IdleConnection(Exception):
+    """An accepted connection that stayed silent for longer than the idle timeout."""
+
+
+def _reachable(listen: Address, writer: asyncio.StreamWriter) -> Address:
+    """Where to dial a peer that listens on ``listen``: its own word, except for a host that
+    names no machine from here (unspecified, or loopback while it connects from elsewhere), which
+    is replaced by the address the connection comes from."""
+    host, port = listen
+    peer = writer.get_extra_info("peername")
+    remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
+    if remote is None:
+        return listen
+    try:
+        advertised = ipaddress.ip_address(host)
+    except ValueError:
+        return listen  # a host name: trust it
+    try:
+        remote_is_loopback = ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        remote_is_loopback = False
+    if advertised.is_unspecified or (advertised.is_loopback and not remote_is_loopback):
+        return remote, port
+    return listen
 
 
 def _remote(writer: asyncio.StreamWriter) -> str:
