@@ -9,6 +9,7 @@ broken core from the real one.
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
@@ -35,10 +36,14 @@ def hunting_settings() -> settings:
 
 
 def killed(machine: type) -> bool:
+    # Hunting runs are not fuzzing runs: keep them out of the session's fuzzer statistics.
+    saved = (STATISTICS.histories, STATISTICS.steps, Counter(STATISTICS.labels))
     try:
         run_state_machine_as_test(machine, settings=hunting_settings())
     except Exception:
         return True
+    finally:
+        STATISTICS.histories, STATISTICS.steps, STATISTICS.labels = saved
     return False
 
 

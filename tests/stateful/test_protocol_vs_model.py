@@ -73,6 +73,7 @@ class ProtocolMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.use_config(CONFIGS[0])
+        STATISTICS.histories += 1
 
     @initialize(config=st.sampled_from(CONFIGS))
     def use_config(self, config: dict[str, int]) -> None:
@@ -84,7 +85,6 @@ class ProtocolMachine(RuleBasedStateMachine):
         ProtocolMachine.last_config = config
         # Handles changed on each node since its last tick, to label same-period races.
         self.changed_this_period: dict[str, dict[tuple[str, str, str], str]] = {}
-        STATISTICS.histories += 1
 
     def do(self, **action: Any) -> None:
         """Apply one history step to both clusters and compare what every node observes."""
@@ -229,6 +229,38 @@ class ProtocolMachine(RuleBasedStateMachine):
             and any(isinstance(o, mp.Heartbeat) and o.delta is not None for o in others)
         ) or (is_delta and any(isinstance(o, mp.TransferAck) for o in others)):
             label("transfer raced a delta")
+
+    def racing(self) -> list[int]:
+        """Indexes of transfer acks in flight to a node that also has a delta on its way."""
+        deltas = {
+            e.destination
+            for e in self.model.in_flight
+            if isinstance(e.message, mp.Heartbeat) and e.message.delta is not None
+        }
+        return [
+            index
+            for index, e in enumerate(self.model.in_flight)
+            if isinstance(e.message, mp.TransferAck) and e.destination in deltas
+        ]
+
+    @precondition(lambda self: self.racing())
+    @rule(data=st.data())
+    def race_a_transfer(self, data: st.DataObject) -> None:
+        """A transfer ack and a delta are both on their way to a node: deliver the ack first or
+        the delta first (GP5, GP6 against GP3)."""
+        ack = data.draw(st.sampled_from(self.racing()), label="ack")
+        if data.draw(st.booleans(), label="ack first"):
+            self.do(do="deliver", index=ack)
+            return
+        destination = self.model.in_flight[ack].destination
+        delta = next(
+            index
+            for index, e in enumerate(self.model.in_flight)
+            if e.destination == destination
+            and isinstance(e.message, mp.Heartbeat)
+            and e.message.delta is not None
+        )
+        self.do(do="deliver", index=delta)
 
     @precondition(lambda self: self.model.in_flight)
     @rule()

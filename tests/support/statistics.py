@@ -34,7 +34,7 @@ class Statistics:
     mutants: dict[str, str] = field(default_factory=dict)
 
     def report(self) -> list[str]:
-        lines = [f"histories run: {self.histories}, steps run: {self.steps}"]
+        lines = [f"cluster fuzzer: {self.histories} histories, {self.steps} steps"]
         for name in sorted(set(EXPECTED_LABELS) | set(self.labels)):
             lines.append(f"  {self.labels[name]:>7}  {name}")
         missing = [name for name in EXPECTED_LABELS if not self.labels[name]]
