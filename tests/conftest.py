@@ -1,7 +1,8 @@
 """Hypothesis profiles and the fuzzer statistics summary.
 
-Profiles: ``default`` for local runs, ``ci`` for the test command (bounded, derandomized off so
-every CI run explores new histories), ``deep`` for long scheduled runs (``make fuzz``). Choose
+Profiles: ``default`` for local runs, ``ci`` for the test command (bounded, and not derandomized, so
+every CI run explores new histories), ``deep`` for open-ended runs stopped by hand (``make fuzz``
+is the time-bounded one). Choose
 with ``--hypothesis-profile``.
 """
 

@@ -181,6 +181,7 @@ class Demo:
                  f"permdown after {t.permdown_ms} ms")
         self.say("Converged = every live node lists exactly the presences tracked on the nodes "
                  "it can reach.")
+        self.say("A user is present in one or two rooms; the tables count presences per room.")
 
         self.header(f"1. {options.users} users join from all nodes, then "
                     f"{options.churn} churn operations")
@@ -263,6 +264,7 @@ class Demo:
 
     def summary(self, elapsed: float) -> None:
         self.header("Summary")
+        self.say("time = until every live node listed what it should; then presences per node")
         rows = [["phase", "result", "time", *NODES]]
         for result in self.results:
             outcome = result.outcome
@@ -277,7 +279,8 @@ class Demo:
         if failed:
             self.say(f"{len(failed)} phase(s) did not converge: {', '.join(failed)}")
         else:
-            self.say(f"all {len(self.results)} phases converged; demo took {elapsed:.1f} s")
+            self.say(f"all {len(self.results)} checks converged (phase 4 is checked during the "
+                     f"split and after the heal); demo took {elapsed:.1f} s")
 
 
 async def run(options: DemoOptions, out: TextIO = sys.stdout) -> tuple[bool, list[PhaseResult]]:

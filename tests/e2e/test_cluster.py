@@ -30,7 +30,7 @@ def test_three_processes_converge_after_a_kill_a_restart_and_a_netsplit(tmp_path
     assert [r.title for r in results] == [
         "1 join + churn", "2 kill n3", "3 restart n3", "4a split: each side alone", "4b heal"]
     assert ok, report
-    assert "all 5 phases converged" in report
+    assert "all 5 checks converged" in report
     after_kill = results[1]
     assert after_kill.totals["n3"] is None
     assert after_kill.totals["n1"] == after_kill.totals["n2"]

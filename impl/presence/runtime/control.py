@@ -38,6 +38,8 @@ from presence.runtime.transport import Address, format_address
 log = logging.getLogger("presence.control")
 
 MAX_LINE_BYTES = 1024 * 1024
+OPS = ("track", "update", "untrack", "untrack_owner", "list", "peers", "cut", "heal", "info",
+       "shutdown")
 
 
 class ControlError(Exception):
@@ -194,7 +196,7 @@ class ControlServer:
         if op == "shutdown":
             graceful = _field(request, "graceful", bool, True)
             return {}, lambda: self._shutdown(graceful)
-        raise ControlError(f"unknown op {op!r}", "bad_request")
+        raise ControlError(f"unknown op {op!r}; ops: {', '.join(OPS)}", "bad_request")
 
     def _info(self) -> dict[str, Any]:
         node = self.node

@@ -42,6 +42,7 @@ from presence.core.config import Config
 from presence.core.shard import Shard
 from presence.core.types import (
     Diff,
+    GracefulPermdown,
     Heartbeat,
     Message,
     Output,
@@ -303,7 +304,7 @@ class Node:
         if isinstance(message, TransferRequest) and not self._may_answer(frame.shard, peer, now):
             return
         output = self._shards[frame.shard].receive(message, now)
-        self._dispatch(frame.shard, output)
+        self._dispatch(frame.shard, output, departure=isinstance(message, GracefulPermdown))
 
     def _may_answer(self, index: int, peer: str, now: int) -> bool:
         """Whether to answer a transfer request (GP5). An answer costs a full-state encode on the
@@ -320,7 +321,7 @@ class Node:
         self._answered[(index, peer)] = now
         return True
 
-    def _dispatch(self, index: int, output: Output) -> None:
+    def _dispatch(self, index: int, output: Output, departure: bool = False) -> None:
         for send in output.sends:
             try:
                 frames = self._encode(index, send.message)
@@ -331,6 +332,12 @@ class Node:
             for data in frames:
                 self.transport.send(data, send.to)
         for event in output.events:
+            # A peer coming up or leaving on purpose is news; one falling silent is a warning.
+            if departure:
+                log.info("%s: replica %s (vsn %d) left", self.name, event.replica.name,
+                         event.replica.vsn)
+                self.transport.departed(event.replica.name)
+                continue
             level = logging.INFO if event.kind is ReplicaEventKind.UP else logging.WARNING
             log.log(level, "%s: replica %s (vsn %d) is %s",
                     self.name, event.replica.name, event.replica.vsn, event.kind.value)

@@ -139,6 +139,9 @@ class _Outbound:
         """Set before the task is cancelled: a cancellation that Python 3.11's ``wait_for``
         swallows (when the awaited future completes at the same moment) still ends the loop."""
         self._last_failure: str | None = None
+        self.expected_down = True
+        """Failures are routine (logged at info) until the first handshake, and again after the
+        peer announced its departure; otherwise a lost peer is a warning."""
         self._failures = 0
         """Consecutive attempts since the last successful handshake: the backoff exponent."""
         self._dropped = 0
@@ -156,14 +159,17 @@ class _Outbound:
             if self._dropped == 1:
                 log.warning("send queue to %s is full; dropping frames", self.name)
 
-    def _failed(self, reason: str) -> None:
+    def _failed(self, reason: str, refused_handshake: bool = False) -> None:
         """Log a connection failure once per distinct reason, so a dead peer does not flood the
         log while it is redialed."""
         where = format_address(self.address)
         if self.name is not None:
             where = f"{self.name} ({where})"
         if reason != self._last_failure:
-            log.warning("peer %s: %s; retrying", where, reason)
+            # A peer that is not there yet (or left) is routine; a wrong peer never is.
+            quiet = self.expected_down and not refused_handshake
+            level = logging.INFO if quiet else logging.WARNING
+            log.log(level, "peer %s: %s; retrying", where, reason)
         else:
             log.debug("peer %s: %s", where, reason)
         self._last_failure = reason
@@ -173,7 +179,7 @@ class _Outbound:
             try:
                 await self._connect_and_send()
             except Exception as exc:  # any failure of one connection only means: redial
-                self._failed(_describe_error(exc))
+                self._failed(_describe_error(exc), isinstance(exc, HandshakeError | CodecError))
             self.wake.clear()
             delay = self.transport.backoff.delay(self._failures, self.transport.rng)
             self._failures += 1
@@ -202,6 +208,7 @@ class _Outbound:
             self.name = hello.node
             transport.named(self)
             self._last_failure = None
+            self.expected_down = False
             self._failures = 0
             self._dropped = 0
             self.queue = asyncio.Queue(transport.send_queue_frames)
@@ -389,6 +396,12 @@ class Transport:
                 self.cut_frames += 1
                 continue
             outbound.offer(data)
+
+    def departed(self, name: str) -> None:
+        """The peer ``name`` left on purpose: failures to reach it are no longer warnings."""
+        for outbound in self._outbound:
+            if outbound.name == name:
+                outbound.expected_down = True
 
     def can_send(self, name: str) -> bool:
         """Whether a frame for peer ``name`` would be queued now (connected and not cut)."""
