@@ -97,6 +97,9 @@ class ProtocolMachine(RuleBasedStateMachine):
         impl_step, impl_error = replay.apply(self.impl, action)
         expected = mh.observation(self.model, model_step, model_error)
         assert replay.observation(self.impl, impl_step, impl_error) == expected
+        # Clocks and message contents too, at every step: inside settle and deliver_all as well.
+        self.same_clocks()
+        self.same_messages_in_flight()
         for events in expected["events"].values():
             for kind, _ in events:
                 label(f"peer went {kind}")
