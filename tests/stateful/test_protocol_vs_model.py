@@ -30,7 +30,13 @@ import presence_model.protocol as mp
 import presence_model.state as ms
 from tests.support import replay
 from tests.support.impl_cluster import ImplCluster
-from tests.support.observation import message_impl, message_model, observed_model
+from tests.support.observation import (
+    message_impl,
+    message_model,
+    observed_model,
+    payload_impl,
+    payload_model,
+)
 from tests.support.regressions import save_regression
 from tests.support.statistics import STATISTICS, label
 
@@ -100,6 +106,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         # Clocks and message contents too, at every step: inside settle and deliver_all as well.
         self.same_clocks()
         self.same_messages_in_flight()
+        self.same_hidden_state()
         for events in expected["events"].values():
             for kind, _ in events:
                 label(f"peer went {kind}")
@@ -341,6 +348,17 @@ class ProtocolMachine(RuleBasedStateMachine):
         for name in NODES:
             model_clock = ms.clock(self.model.node(name).replica)
             assert dict(self.impl.shards[name].state.clock()) == dict(model_clock), name
+
+    def same_hidden_state(self) -> None:
+        """What no observation shows: every stored entry (down peers' too), the whole context
+        (out-of-order dots included) and the latest incarnation known of every name."""
+        for name in NODES:
+            model_replica, state = self.model.node(name).replica, self.impl.shards[name].state
+            assert payload_impl(state.full_state(None)) == payload_model(
+                ms.full_state(model_replica, None)
+            ), name
+            latest = dict(model_replica.latest_vsn)
+            assert {n: state.latest_vsn(n) for n in NODES} == {n: latest.get(n) for n in NODES}
 
     @invariant()
     def same_messages_in_flight(self) -> None:
